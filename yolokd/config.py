@@ -1,0 +1,91 @@
+"""yolokd's train arguments: where they are defined, how they merge with Ultralytics', how they are checked.
+
+One source of truth: `cfg/default.yaml` (teacher, method, ...) and `cfg/methods/<name>.yaml` (a method's
+hyper-parameters). A method key `alpha` in `cfg/methods/dfd.yaml` is the train argument `dfd_alpha`. All of them
+sit in one flat namespace beside Ultralytics' own arguments, so `yolokd train dfd_alpha=3e-5 epochs=10` and
+`YOLO(...).train(trainer=DistillationTrainer, dfd_alpha=3e-5)` work alike, and Ultralytics' `check_dict_alignment`
+rejects a misspelt key with the nearest valid names.
+"""
+
+from __future__ import annotations
+
+import functools
+from difflib import get_close_matches
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from ultralytics.cfg import DEFAULT_CFG_DICT
+from ultralytics.utils import YAML
+
+
+class DistillationConfigError(ValueError):
+    """A yolokd argument, model or dataset that cannot work; raised before training starts."""
+
+
+def cfg_dir() -> Path:
+    """Return the folder holding `default.yaml`, `methods/` and `examples/` (shipped as the `yolokd.cfg` package)."""
+    try:
+        return Path(str(resources.files("yolokd.cfg")))
+    except ModuleNotFoundError:  # running from a source tree that is not installed
+        return Path(__file__).resolve().parents[1] / "cfg"
+
+
+@functools.lru_cache(maxsize=None)
+def _load_yaml(path: str) -> dict[str, Any]:
+    return dict(YAML.load(path) or {})
+
+
+def kd_base_defaults() -> dict[str, Any]:
+    """yolokd's own top-level arguments (`cfg/default.yaml`) with their defaults."""
+    return _load_yaml(str(cfg_dir() / "default.yaml"))
+
+
+def method_defaults(name: str) -> dict[str, Any]:
+    """Hyper-parameters of one method, un-prefixed (`{"alpha": 2.8e-5, ...}`), from `cfg/methods/<name>.yaml`."""
+    path = cfg_dir() / "methods" / f"{name}.yaml"
+    return _load_yaml(str(path)) if path.exists() else {}
+
+
+def method_cfg_names() -> list[str]:
+    """Names of the methods that have a `cfg/methods/<name>.yaml`."""
+    return sorted(p.stem for p in (cfg_dir() / "methods").glob("*.yaml"))
+
+
+def prefixed(method: str, hparams: dict[str, Any]) -> dict[str, Any]:
+    """`{"alpha": 1}` of method `dfd` -> `{"dfd_alpha": 1}`."""
+    return {f"{method}_{k}": v for k, v in hparams.items()}
+
+
+def kd_defaults() -> dict[str, Any]:
+    """Every yolokd train argument with its default: the top-level keys plus all methods' prefixed keys."""
+    out = dict(kd_base_defaults())
+    for name in method_cfg_names():
+        out.update(prefixed(name, method_defaults(name)))
+    clash = set(out) & set(DEFAULT_CFG_DICT)
+    if clash:  # a method key that shadows an Ultralytics argument would silently change training
+        raise RuntimeError(f"yolokd argument(s) {sorted(clash)} clash with Ultralytics arguments; rename them")
+    return out
+
+
+def full_defaults() -> dict[str, Any]:
+    """Ultralytics' defaults extended with yolokd's: the base dict the trainer hands to `get_cfg`."""
+    return {**DEFAULT_CFG_DICT, **kd_defaults()}
+
+
+def split_kd_args(args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split a dict of train arguments into (Ultralytics arguments, yolokd arguments)."""
+    kd_keys = set(kd_defaults())
+    return {k: v for k, v in args.items() if k not in kd_keys}, {k: v for k, v in args.items() if k in kd_keys}
+
+
+def method_hparams(method: str, args: dict[str, Any] | Any) -> dict[str, Any]:
+    """The un-prefixed hyper-parameters of `method` read from train arguments (dict or namespace)."""
+    get = args.get if isinstance(args, dict) else lambda k, d: getattr(args, k, d)
+    return {k: get(f"{method}_{k}", v) for k, v in method_defaults(method).items()}
+
+
+def closest(name: str, choices: list[str]) -> str:
+    """A 'did you mean ...' hint for an unknown name ('' when nothing is close)."""
+    near = get_close_matches(name, choices, n=3, cutoff=0.5)
+    return f" Did you mean {' or '.join(repr(n) for n in near)}?" if near else ""

@@ -1,0 +1,78 @@
+"""`DistillationLoss`: the student's Ultralytics criterion plus the distillation terms, in one call.
+
+The trainer installs it as `student.criterion`. That is the one seam inside the autograd window (inside autocast
+and the DDP forward), and it keeps `trainer.model` a plain `DetectionModel`, so EMA, validation, checkpoints,
+export and predict stay vanilla Ultralytics. It is a plain object, not an `nn.Module`: nothing of it becomes part
+of the student's state, and a deep copy or pickle of the student turns it into `None` (see `__reduce__`), which
+Ultralytics then rebuilds as its own criterion.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from yolokd.methods.base import MethodSet, StepContext
+from yolokd.taps import Taps, _AssignmentRecorder, assigner_of, raw_forward
+
+
+class DistillationLoss:
+    """Task loss of the student + sum of the methods' weighted terms, logged as `kd_loss` and one column per term.
+
+    Args:
+        task: the student's own Ultralytics criterion (`v8DetectionLoss` or `E2ELoss`).
+        student_taps: taps on the student.
+        teacher: the frozen teacher detector (eval mode), or None for teacher-free methods / plain training.
+        teacher_taps: taps on the teacher.
+        methods: the methods to apply (owns the adapters); None trains a plain student.
+        trainer: read for `epoch` / `epochs` only.
+    """
+
+    def __init__(self, task, student_taps: Taps, teacher: nn.Module | None, teacher_taps: Taps | None,
+                 methods: MethodSet | None, trainer=None):
+        self.task, self.student_taps = task, student_taps
+        self.teacher, self.teacher_taps, self.methods, self.trainer = teacher, teacher_taps, methods, trainer
+        self.assignment = _AssignmentRecorder()
+        self._assign_handle = assigner_of(task).register_forward_hook(self.assignment)
+
+    def __call__(self, preds, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Ultralytics criterion contract: `(loss_vector * batch_size, {name: detached scalar})`."""
+        loss, items = self.task(preds, batch)
+        if self.methods is None:
+            return loss, items
+        s = self.student_taps.collect(preds)
+        t = None
+        if self.teacher is not None:
+            with torch.no_grad():
+                t = self.teacher_taps.collect(raw_forward(self.teacher, batch["img"]))
+        ctx = StepContext(batch=batch, assign=self.assignment.last,
+                          epoch=getattr(self.trainer, "epoch", 0), epochs=getattr(self.trainer, "epochs", 1))
+        with torch.autocast(batch["img"].device.type, enabled=False):
+            terms = self.methods(s.float(), None if t is None else t.float(), ctx)
+        kd = torch.stack(list(terms.values())).sum()
+        items = {**items, "kd_loss": kd.detach()}
+        if len(terms) > 1:
+            items.update({k: v.detach() for k, v in terms.items()})
+        return torch.cat([loss, (kd * batch["img"].shape[0]).view(1).to(loss.dtype)]), items
+
+    def update(self):
+        """Forward the per-epoch schedule update of end-to-end criteria (`E2ELoss.update`)."""
+        if hasattr(self.task, "update"):
+            self.task.update()
+
+    def remove(self):
+        """Detach the hooks this loss registered (the teacher's and student's taps, the assigner hook)."""
+        self._assign_handle.remove()
+        self.student_taps.remove()
+        if self.teacher_taps is not None:
+            self.teacher_taps.remove()
+
+    def __getattr__(self, name):
+        """Anything else (e.g. `one2many`, `hyp`) is the wrapped criterion's, for Ultralytics code that reads it."""
+        if name == "task":  # not yet set (during unpickling): avoid infinite recursion
+            raise AttributeError(name)
+        return getattr(self.task, name)
+
+    def __reduce__(self):
+        """Copies and pickles of a student holding this loss get `criterion=None`: the teacher never travels."""
+        return type(None), ()

@@ -1,0 +1,121 @@
+"""The method contract, the registry, and `MethodSet` (several methods summed: `method=pgd+rm`).
+
+A method is an `nn.Module` that owns its trainable adapters and computes named, weighted loss terms:
+
+    class MyMethod(DistillMethod):
+        name = "my"                      # the `method=` value; hyper-parameters come from cfg/methods/my.yaml
+        summary = "one line for `yolokd methods`"
+        taps = frozenset({"cls_feat"})    # branch features it needs besides neck/scores/boxes (see taps.py)
+
+        def __init__(self, student: Features, teacher: Features, *, weight: float): ...
+        def forward(self, s: Features, t: Features, ctx: StepContext) -> dict[str, Tensor]: ...
+
+`__init__` receives the features of a dry forward pass (for shapes) and the YAML's keys as keyword arguments, so
+a key in the YAML that the method does not take fails at once. `forward` returns batch-mean scalars already
+multiplied by their weights; the distillation loss adds them to the task loss (before Ultralytics' batch-size
+scaling) and logs each one. Teacher tensors arrive detached and every tensor in fp32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from yolokd.config import DistillationConfigError, closest, method_hparams
+from yolokd.taps import Assignment, Features
+
+_REGISTRY: dict[str, type[DistillMethod]] = {}
+
+
+@dataclass
+class StepContext:
+    """Read-only facts about the current step that are not features of either model."""
+
+    batch: dict  # the preprocessed Ultralytics batch (img in [0, 1], cls, bboxes, batch_idx, ...)
+    assign: Assignment | None  # the student's task-aligned assignment (None outside training steps)
+    epoch: int = 0
+    epochs: int = 1
+
+    @property
+    def img_hw(self) -> tuple[int, int]:
+        """Input height and width in pixels."""
+        return tuple(self.batch["img"].shape[-2:])
+
+
+class DistillMethod(nn.Module):
+    """Base class of a distillation method (see module docstring)."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    taps: ClassVar[frozenset[str]] = frozenset()
+    needs_teacher: ClassVar[bool] = True
+
+    def forward(self, s: Features, t: Features | None, ctx: StepContext) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+def register(cls: type[DistillMethod]) -> type[DistillMethod]:
+    """Class decorator: make a method available as `method=<cls.name>`."""
+    if not cls.name or cls.name in _REGISTRY:
+        raise ValueError(f"method name {cls.name!r} is empty or already registered")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _ensure_builtin():
+    import yolokd.methods  # noqa: F401  (its __init__ imports every built-in method module)
+
+
+def list_methods() -> list[str]:
+    """Names of all registered methods."""
+    _ensure_builtin()
+    return sorted(_REGISTRY)
+
+
+def get_method(name: str) -> type[DistillMethod]:
+    """The method class registered as `name`; a clear error with the nearest names otherwise."""
+    _ensure_builtin()
+    if name not in _REGISTRY:
+        raise DistillationConfigError(
+            f"Unknown distillation method '{name}'.{closest(name, list(_REGISTRY))} "
+            f"Available: {', '.join(sorted(_REGISTRY))} (see `yolokd methods`)."
+        )
+    return _REGISTRY[name]
+
+
+def parse_methods(spec: str) -> list[str]:
+    """`"pgd+rm"` -> `["pgd", "rm"]`, each checked against the registry; duplicates and empty parts rejected."""
+    names = [n.strip().lower() for n in str(spec).split("+")]
+    if not all(names):
+        raise DistillationConfigError(f"method='{spec}' has an empty part; join method names with '+', e.g. method=pgd+rm")
+    if len(set(names)) != len(names):
+        raise DistillationConfigError(f"method='{spec}' names a method twice")
+    for n in names:
+        get_method(n)
+    return names
+
+
+class MethodSet(nn.Module):
+    """Several methods, summed. Owns all adapters, so `parameters()` is what the optimizer must add."""
+
+    def __init__(self, names: list[str], student: Features, teacher: Features | None, args):
+        super().__init__()
+        self.methods = nn.ModuleDict(
+            {n: get_method(n)(student, teacher, **method_hparams(n, args)) for n in names}
+        )
+
+    @property
+    def taps(self) -> set[str]:
+        """Union of the branch taps the methods need."""
+        return set().union(*(m.taps for m in self.methods.values()))
+
+    def forward(self, s: Features, t: Features | None, ctx: StepContext) -> dict[str, torch.Tensor]:
+        """All terms as `{column: weighted scalar}`: `<method>_<term>`, or `<method>` for a one-term method."""
+        out = {}
+        for name, m in self.methods.items():
+            terms = m(s, t, ctx)
+            out.update({name: next(iter(terms.values()))} if len(terms) == 1 else {f"{name}_{k}": v for k, v in terms.items()})
+        return out
