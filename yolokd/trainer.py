@@ -141,6 +141,8 @@ class DistillationTrainer(DetectionTrainer):
         if self.kd_methods is not None:
             tags = {g.get("param_group"): g for g in optimizer.param_groups}  # last group of each tag: normal lr
             for name, p in self.kd_methods.named_parameters():
+                if not p.requires_grad:  # frozen parts a method owns (e.g. DICOD's classifier teacher)
+                    continue
                 tag = "bias" if name.endswith("bias") else "muon" if "muon" in tags and p.ndim in {2, 4} else "weight"
                 tags[tag]["params"].append(p)
         return optimizer

@@ -52,6 +52,7 @@ class DistillMethod(nn.Module):
     summary: ClassVar[str] = ""
     taps: ClassVar[frozenset[str]] = frozenset()
     needs_teacher: ClassVar[bool] = True
+    uses_args: ClassVar[tuple[str, ...]] = ()  # top-level train arguments it takes as keywords (e.g. cls_teacher)
 
     def forward(self, s: Features, t: Features | None, ctx: StepContext) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -98,13 +99,18 @@ def parse_methods(spec: str) -> list[str]:
     return names
 
 
+def _build(cls: type[DistillMethod], student: Features, teacher: Features | None, args) -> DistillMethod:
+    extra = {a: getattr(args, a, None) for a in cls.uses_args}
+    return cls(student, teacher, **method_hparams(cls.name, args), **extra)
+
+
 class MethodSet(nn.Module):
     """Several methods, summed. Owns all adapters, so `parameters()` is what the optimizer must add."""
 
     def __init__(self, names: list[str], student: Features, teacher: Features | None, args):
         super().__init__()
         self.methods = nn.ModuleDict(
-            {n: get_method(n)(student, teacher, **method_hparams(n, args)) for n in names}
+            {n: _build(get_method(n), student, teacher, args) for n in names}
         )
 
     @property
