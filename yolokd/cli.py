@@ -93,9 +93,17 @@ def cmd_methods(argv: list[str]) -> int:
     return 0
 
 
+def cmd_overhead(argv: list[str]) -> int:
+    """Time the student step, the teacher forward and each method's distillation step."""
+    from yolokd.bench.overhead import cmd_overhead as run
+
+    return run(argv)
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "train": (cmd_train, "train a student with a teacher (teacher=, method=), or a plain model"),
     "methods": (cmd_methods, "list the distillation methods and their defaults"),
+    "overhead": (cmd_overhead, "time student step, teacher forward and each method's KD step (overhead ratio)"),
 }
 
 

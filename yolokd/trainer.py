@@ -43,6 +43,7 @@ from yolokd.methods.base import MethodSet, get_method, parse_methods
 from yolokd.taps import Taps, strip_taps
 
 DEFAULT_METHOD = "dfd"
+BUILTIN = "ultralytics"  # method name that hands distillation to Ultralytics' own `distill_model=`
 KD_STATE = "kd_state.pt"  # adapters of the run, beside last.pt (named so Ultralytics' `last*.pt` search skips it)
 
 
@@ -51,6 +52,8 @@ def resolve_method_names(method: str | None, teacher: str | None) -> list[str]:
     if not method:
         return [DEFAULT_METHOD] if teacher else []
     names = parse_methods(method)
+    if BUILTIN in names and len(names) > 1:
+        raise DistillationConfigError(f"method={BUILTIN} runs Ultralytics' own distillation and cannot be combined.")
     if not teacher and any(get_method(n).needs_teacher for n in names):
         raise DistillationConfigError(
             f"method={method} needs a teacher detector: add teacher=path/to/teacher.pt (trained on the same data)."
@@ -69,6 +72,8 @@ class DistillationTrainer(DetectionTrainer):
             overrides["data"] = resolve_data(overrides["data"])
         self.teacher = self.teacher_taps = self.kd_methods = None
         self._preflight = None if overrides.get("resume") else self._check_inputs(overrides)
+        if overrides.get("method") == BUILTIN and not overrides.get("resume"):
+            overrides["distill_model"] = overrides["teacher"]  # Ultralytics loads and wraps the teacher itself
         super().__init__(base, overrides, _callbacks)
         if self.kd_method_names and self.args.compile:
             LOGGER.warning("compile=True is not supported with distillation (forward hooks); disabling it.")
@@ -76,8 +81,9 @@ class DistillationTrainer(DetectionTrainer):
 
     @property
     def kd_method_names(self) -> list[str]:
-        """Methods of this run (from the arguments, so resumed runs get theirs back from the checkpoint)."""
-        return resolve_method_names(getattr(self.args, "method", None), getattr(self.args, "teacher", None))
+        """yolokd methods of this run (from the arguments, so resumed runs get theirs back from the checkpoint)."""
+        names = resolve_method_names(getattr(self.args, "method", None), getattr(self.args, "teacher", None))
+        return [] if names == [BUILTIN] else names
 
     def _check_inputs(self, overrides: dict) -> tuple | None:
         """Every check that can fail, before Ultralytics creates the run folder. Returns (teacher, data) or None."""

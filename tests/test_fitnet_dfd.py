@@ -1,0 +1,117 @@
+"""FitNet and DFD: hand-computed values, invariances and gradient flow (METHODS.md section 5 tests)."""
+
+import torch
+import pytest
+
+from yolokd.methods.base import StepContext
+from yolokd.methods.dfd import DFD, high_disparity_mask, spatial_attention
+from yolokd.methods.fitnet import FitNet
+from yolokd.taps import Features
+
+
+def feats(neck):
+    """Features holding only neck maps (what FitNet and DFD read)."""
+    b = neck[0].shape[0]
+    return Features(neck=neck, scores=torch.zeros(b, 1, 1), boxes=torch.zeros(b, 4, 1),
+                    strides=torch.tensor([8.0]), dfl=torch.nn.Identity())
+
+
+def ctx(h=640, w=640, b=1):
+    return StepContext(batch={"img": torch.zeros(b, 3, h, w)}, assign=None)
+
+
+def test_fitnet_hand_value():
+    # student [[1, 2], [3, 4]] against a zero teacher: mean of squares = (1 + 4 + 9 + 16) / 4 = 7.5
+    s = feats([torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])])
+    t = feats([torch.zeros(1, 1, 2, 2)])
+    m = FitNet(s, t, weight=1.0)
+    assert isinstance(m.align[0], torch.nn.Identity)  # same width: no regressor
+    assert torch.isclose(m(s, t, ctx())["loss"], torch.tensor(7.5))
+    assert torch.isclose(FitNet(s, t, weight=2.0)(s, t, ctx())["loss"], torch.tensor(15.0))
+
+
+def test_fitnet_adapter_gets_gradient_teacher_none():
+    s = feats([torch.randn(2, 3, 4, 4, requires_grad=True)])
+    t = feats([torch.randn(2, 5, 4, 4, requires_grad=True)])
+    m = FitNet(s, t, weight=1.0)
+    m(s, feats([t.neck[0].detach()]), ctx())["loss"].backward()  # the loss receives teacher tensors detached
+    assert m.align[0].weight.grad.abs().sum() > 0 and s.neck[0].grad.abs().sum() > 0
+    assert t.neck[0].grad is None
+
+
+def test_spatial_attention_sums_to_hw():
+    a = spatial_attention(torch.randn(3, 8, 5, 7))
+    assert a.shape == (3, 5, 7)
+    assert torch.allclose(a.sum(dim=(1, 2)), torch.full((3,), 35.0))
+    # Eq. 2 by hand on a 1x2 map: mean_c |F| = [1, 3] -> 2 * softmax([1, 3])
+    f = torch.tensor([[[[1.0, 2.0]], [[-1.0, 4.0]]]])  # C=2, H=1, W=2
+    assert torch.allclose(spatial_attention(f).flatten(), 2 * torch.tensor([1.0, 3.0]).softmax(0))
+
+
+def test_mask_equals_injected_disparity_region():
+    torch.manual_seed(0)
+    t = torch.ones(1, 4, 8, 8)
+    s = t.clone()
+    s[..., 2:4, 5:7] = 6.0  # a strong response only in the student, in a known 2x2 region
+    mask = high_disparity_mask(t, s)[0]
+    expected = torch.zeros(8, 8, dtype=torch.bool)
+    expected[2:4, 5:7] = True
+    assert torch.equal(mask, expected)
+
+
+def make_dfd(c_s=4, c_t=4, hidden_cap=0, alpha=2.8e-5, beta=1e-5):
+    s = feats([torch.zeros(1, c_s, 8, 8)])
+    t = feats([torch.zeros(1, c_t, 8, 8)])
+    return DFD(s, t, alpha=alpha, beta=beta, ref_area=640 * 640, hidden_cap=hidden_cap)
+
+
+def test_dfd_zero_when_features_equal():
+    m = make_dfd()
+    f = torch.randn(2, 4, 8, 8)
+    out = m(feats([f]), feats([f]), ctx(b=2))
+    assert out["hd"] == 0 and out["ld"] == 0  # D == 0 everywhere: all LD (strict D > P), and LD is plain MSE = 0
+
+
+def test_dfd_hand_value_low_disparity_region():
+    # Uniform attention difference 0 (both constant maps) -> every position LD; L_LD = sum (F^T - F^S)^2.
+    m = make_dfd(alpha=0.0, beta=1.0)
+    s, t = torch.full((1, 4, 8, 8), 1.0), torch.full((1, 4, 8, 8), 3.0)
+    out = m(feats([s]), feats([t]), ctx(640, 640))
+    assert torch.isclose(out["ld"], torch.tensor(4.0 * 4 * 8 * 8))  # (3-1)^2 * C*H*W, scale 1 at 640x640
+    # Size invariance: the same maps from a 320x320 input count 4x (ref_area / area).
+    out = m(feats([s]), feats([t]), ctx(320, 320))
+    assert torch.isclose(out["ld"], torch.tensor(4.0 * 4 * 8 * 8 * 4))
+    # Batch mean: two identical images give the same loss as one.
+    out2 = m(feats([s.repeat(2, 1, 1, 1)]), feats([t.repeat(2, 1, 1, 1)]), ctx(320, 320, b=2))
+    assert torch.isclose(out2["ld"], out["ld"])
+
+
+def test_dfd_gradients_flow_only_where_they_should():
+    torch.manual_seed(0)
+    m = make_dfd(c_s=3, c_t=4, hidden_cap=8)
+    fs = torch.randn(1, 3, 8, 8, requires_grad=True)
+    ft = torch.randn(1, 4, 8, 8)
+    ft[..., 0:2, 0:2] += 8.0  # a strong teacher-only region -> high disparity there
+    s, t = feats([fs]), feats([ft])
+
+    out = m(s, t, ctx())
+    assert m.transform[0][-1].out_channels == 4  # f maps the student width (3) to the teacher's (4)
+    # L_LD does not reach the transformation module f.
+    grads = torch.autograd.grad(out["ld"], list(m.transform.parameters()), allow_unused=True)
+    assert all(g is None or g.abs().sum() == 0 for g in grads)
+    # L_HD reaches the student feature only inside the HD region dilated by 1 px (the 3x3 conv of f).
+    hd = high_disparity_mask(ft, m.align[0](fs))[0]
+    (g,) = torch.autograd.grad(out["hd"], fs, retain_graph=True)
+    dilated = torch.nn.functional.max_pool2d(hd[None, None].float(), 3, stride=1, padding=1)[0, 0].bool()
+    assert hd.any() and (~hd).any()
+    assert g.abs().sum(1)[0][~dilated].abs().max() == 0
+    assert g.abs().sum() > 0
+    # Both terms train the 1x1 aligner; nothing reaches the teacher (it is not a leaf requiring grad).
+    (out["hd"] + out["ld"]).backward()  # fs.grad now also holds the LD part
+    assert m.align[0].weight.grad.abs().sum() > 0 and fs.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("cap,expected", [(0, 8), (6, 6)])
+def test_dfd_transformation_width(cap, expected):
+    m = make_dfd(c_s=4, c_t=4, hidden_cap=cap)
+    assert m.transform[0][0].out_channels == expected  # Tab. 5: 2C, optionally capped

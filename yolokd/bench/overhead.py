@@ -1,0 +1,112 @@
+"""Step-time overhead of distillation: `yolokd overhead`.
+
+Times, in one process and on one batch: the plain student training step, the teacher's no-grad forward, and the
+distillation step of each method (student step + teacher forward + KD terms + adapters), then prints
+`overhead = step_kd / (step_student + forward_teacher)`. 1.0 means the KD terms cost nothing beyond running both
+models; the goal is <= 1.10. Figures are medians over `iters` timed steps after `warmup` untimed ones.
+
+    yolokd overhead model=yolov8n.yaml teacher=yolov8s.yaml imgsz=160 batch=16 iters=5
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from ultralytics.cfg import get_cfg
+from ultralytics.nn.tasks import DetectionModel
+from ultralytics.utils import LOGGER
+
+from yolokd.checks import dry_forward, freeze, load_detector
+from yolokd.criterion import DistillationLoss
+from yolokd.methods.base import MethodSet, get_method, list_methods
+from yolokd.taps import Taps, raw_forward
+
+
+def random_batch(batch: int, imgsz: int, nc: int, objects: int = 4, seed: int = 0) -> dict:
+    """A detection batch in Ultralytics' format: random images, `objects` random boxes per image."""
+    g = torch.Generator().manual_seed(seed)
+    n = batch * objects
+    wh = 0.05 + 0.3 * torch.rand(n, 2, generator=g)
+    xy = wh / 2 + (1 - wh) * torch.rand(n, 2, generator=g)
+    return {
+        "img": torch.rand(batch, 3, imgsz, imgsz, generator=g),
+        "cls": torch.randint(0, nc, (n, 1), generator=g).float(),
+        "bboxes": torch.cat([xy, wh], 1),
+        "batch_idx": torch.arange(batch).repeat_interleave(objects).float(),
+    }
+
+
+def median_time(fn: Callable[[], None], iters: int, warmup: int) -> float:
+    """Median wall time of `fn` in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def measure(model: str, teacher: str, methods: list[str], imgsz: int = 160, batch: int = 16, iters: int = 5,
+            warmup: int = 2, nc: int = 6) -> dict[str, float]:
+    """Milliseconds per step: 'student', 'teacher', and one entry per method (see module docstring)."""
+    data = random_batch(batch, imgsz, nc)
+    t_model = freeze(load_detector(teacher, "teacher", nc=nc).float())
+    args = get_cfg()
+
+    def student_and_optimizer():
+        torch.manual_seed(0)
+        s = DetectionModel(model, nc=nc, verbose=False)
+        s.args = args
+        s.train()
+        return s, torch.optim.SGD(s.parameters(), lr=1e-3, momentum=0.9)
+
+    def step(s, opt, params):
+        opt.zero_grad()
+        loss, _ = s.loss(data)
+        loss.sum().backward()
+        torch.nn.utils.clip_grad_norm_(params, 10.0)
+        opt.step()
+
+    s, opt = student_and_optimizer()
+    out = {"student": median_time(lambda: step(s, opt, list(s.parameters())), iters, warmup)}
+    out["teacher"] = median_time(lambda: torch.no_grad()(raw_forward)(t_model, data["img"]), iters, warmup)
+    for name in methods:
+        s, opt = student_and_optimizer()
+        wanted = set(get_method(name).taps)
+        s_taps, t_taps = Taps(s, wanted), Taps(t_model, wanted)
+        feats = s_taps.collect(dry_forward(s, imgsz)), t_taps.collect(dry_forward(t_model, imgsz))
+        kd = MethodSet([name], *feats, args)
+        opt.add_param_group({"params": [p for p in kd.parameters() if p.requires_grad]})
+        s.criterion = DistillationLoss(s.init_criterion(), s_taps, t_model, t_taps, kd)
+        out[name] = median_time(lambda: step(s, opt, list(s.parameters()) + list(kd.parameters())), iters, warmup)
+        s.criterion.remove()
+    return out
+
+
+def report(times: dict[str, float]) -> str:
+    """The table printed by `yolokd overhead`."""
+    base = times["student"] + times["teacher"]
+    lines = [f"student step {times['student']:.1f} ms | teacher forward {times['teacher']:.1f} ms | sum {base:.1f} ms",
+             f"{'method':<12}{'kd step ms':>12}{'overhead':>10}"]
+    lines += [f"{k:<12}{v:>12.1f}{v / base:>10.3f}" for k, v in times.items() if k not in {"student", "teacher"}]
+    return "\n".join(lines)
+
+
+def cmd_overhead(argv: list[str]) -> int:
+    """`yolokd overhead model= teacher= methods=a,b imgsz= batch= iters= warmup=`."""
+    from yolokd.cli import parse_kv
+
+    a = parse_kv(argv)
+    default = [m for m in list_methods() if not get_method(m).uses_args and not getattr(get_method(m), "delegated", 0)]
+    methods = a.pop("methods", ",".join(default))
+    methods = methods.split(",") if isinstance(methods, str) else list(methods)
+    torch.set_num_threads(a.pop("threads", torch.get_num_threads()))
+    times = measure(a.pop("model", "yolov8n.yaml"), a.pop("teacher", "yolov8s.yaml"), methods, **a)
+    LOGGER.info(f"threads={torch.get_num_threads()}\n" + report(times))
+    return 0
