@@ -11,7 +11,15 @@ import torch
 from torch import nn
 
 from ultralytics.nn.modules.head import Detect
-from ultralytics.nn.tasks import DetectionModel, guess_model_task, load_checkpoint
+from ultralytics.nn.tasks import (
+    ClassificationModel,
+    DetectionModel,
+    OBBModel,
+    PoseModel,
+    SegmentationModel,
+    guess_model_task,
+    load_checkpoint,
+)
 
 from yolokd.config import DistillationConfigError
 
@@ -72,9 +80,18 @@ def _not_a_detector(role: str, spec, task: str) -> str:
     )
 
 
+def model_task(model: nn.Module) -> str:
+    """The task of a loaded model, from its class first (a checkpoint's saved `task` argument can be stale)."""
+    kinds = ((SegmentationModel, "segment"), (PoseModel, "pose"), (OBBModel, "obb"), (ClassificationModel, "classify"))
+    for cls, task in kinds:
+        if isinstance(model, cls):
+            return task
+    return "detect" if isinstance(model, DetectionModel) else guess_model_task(model)
+
+
 def check_detector(model: nn.Module, role: str, spec) -> None:
     """`model` must be a plain detection model whose head is a `Detect` (v8, 11 or 26), not a subclass of it."""
-    task = getattr(model, "task", None) or guess_model_task(model)
+    task = model_task(model)
     head = getattr(model, "model", [None])[-1] if isinstance(model, DetectionModel) else None
     if task != "detect" or type(head) is not Detect:
         raise DistillationConfigError(_not_a_detector(role, spec, task))

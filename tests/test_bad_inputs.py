@@ -1,0 +1,94 @@
+"""Bad input fails before training starts, names the problem and the fix, and leaves run folders untouched."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from helpers import save_checkpoint
+from yolokd.cli import main
+from yolokd.config import DistillationConfigError
+from yolokd.data.synthetic import SYNTHETIC_NAMES
+from yolokd.trainer import DistillationTrainer
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """Teacher-like checkpoints, each wrong in one way (random weights: no training needed)."""
+    d = tmp_path_factory.mktemp("ckpts")
+    renamed = {i: f"other{i}" for i in range(len(SYNTHETIC_NAMES))}
+    (d / "corrupt.pt").write_bytes(b"this is not a checkpoint")
+    return {
+        "good": save_checkpoint(d / "good.pt", "yolov8n.yaml", SYNTHETIC_NAMES),
+        "nc3": save_checkpoint(d / "nc3.pt", "yolov8n.yaml", {0: "a", 1: "b", 2: "c"}),
+        "renamed": save_checkpoint(d / "renamed.pt", "yolov8n.yaml", renamed),
+        "p2": save_checkpoint(d / "p2.pt", "yolov8n-p2.yaml", SYNTHETIC_NAMES),
+        "cls": save_checkpoint(d / "cls.pt", "yolov8n-cls.yaml", SYNTHETIC_NAMES),
+        "corrupt": d / "corrupt.pt",
+        "missing": d / "missing.pt",
+    }
+
+
+@pytest.fixture
+def existing_run(tmp_path):
+    """A previous run folder whose files must survive every refused run."""
+    run = tmp_path / "runs" / "exp"
+    (run / "weights").mkdir(parents=True)
+    (run / "results.csv").write_text("epoch,metrics\n1,0.5\n")
+    (run / "weights" / "last.pt").write_bytes(b"previous weights")
+    return run
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.md5(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()}
+
+
+CASES = [  # (extra arguments, words the error must contain)
+    (dict(teacher="good", method="dfx"), ["Unknown distillation method 'dfx'", "dfd"]),
+    (dict(teacher="good", method="dfd+"), ["empty part"]),
+    (dict(method="dfd"), ["needs a teacher", "teacher="]),
+    (dict(teacher="missing"), ["not found locally", ".yaml"]),
+    (dict(teacher="corrupt"), ["corrupt", "teacher"]),
+    (dict(teacher="cls"), ["'classify' model", "detection model", "cls_teacher"]),
+    (dict(teacher="yolov8n-seg.yaml"), ["'segment' model"]),
+    (dict(teacher="nc3"), ["3 classes", "dataset has 6", "Train the teacher"]),
+    (dict(teacher="renamed"), ["name their classes differently", "other0", "circle"]),
+    (dict(teacher="p2"), ["strides", "[4.0, 8.0, 16.0, 32.0]"]),
+    (dict(teacher="good", distill_model="good"), ["distill_model", "method=ultralytics"]),
+    (dict(teacher="good", method="ultralytics+dfd"), ["cannot be combined"]),
+    (dict(model="yolov8n-cls.yaml", teacher="good"), ["student", "'classify' model"]),
+]
+
+
+@pytest.mark.parametrize("extra,words", CASES, ids=[str(c[0]) for c in CASES])
+def test_refused_before_training(extra, words, ckpts, tiny_data, existing_run):
+    before = snapshot(existing_run.parent)
+    args = dict(model="yolov8n.yaml", data=tiny_data, project=str(existing_run.parent), name="exp", exist_ok=True,
+                epochs=1, imgsz=64)
+    args.update({k: str(ckpts.get(v, v)) for k, v in extra.items()})
+    with pytest.raises(DistillationConfigError) as e:
+        DistillationTrainer(overrides=args)
+    for w in words:
+        assert w in str(e.value), f"{w!r} not in: {e.value}"
+    assert snapshot(existing_run.parent) == before  # nothing written, nothing deleted
+
+
+def test_misspelt_key_suggests_the_right_one(tiny_data):
+    with pytest.raises(SyntaxError, match="teacher"):
+        DistillationTrainer(overrides=dict(model="yolov8n.yaml", data=tiny_data, teachr="x.pt"))
+    with pytest.raises(SyntaxError, match="dfd_alpha"):
+        DistillationTrainer(overrides=dict(model="yolov8n.yaml", data=tiny_data, dfd_alhpa=1.0))
+
+
+def test_cli_reports_error_and_exit_code(ckpts, tiny_data, capsys, existing_run):
+    before = snapshot(existing_run.parent)
+    code = main(["train", "model=yolov8n.yaml", f"teacher={ckpts['nc3']}", f"data={tiny_data}",
+                 f"project={existing_run.parent}", "name=exp", "exist_ok=True"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "yolokd train: error:" in err and "3 classes" in err
+    assert main(["train", "model=missing_student.pt", f"data={tiny_data}"]) == 2
+    assert "student weights 'missing_student.pt' were not found" in capsys.readouterr().err
+    assert snapshot(existing_run.parent) == before
