@@ -100,9 +100,17 @@ def cmd_overhead(argv: list[str]) -> int:
     return run(argv)
 
 
+def cmd_bench(argv: list[str]) -> int:
+    """Teacher vs plain vs distilled students over seeds: mAP, paired gain, gap closed."""
+    from yolokd.bench.gains import cmd_bench as run
+
+    return run(argv)
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "train": (cmd_train, "train a student with a teacher (teacher=, method=), or a plain model"),
     "methods": (cmd_methods, "list the distillation methods and their defaults"),
+    "bench": (cmd_bench, "benchmark: teacher, plain and distilled students over seeds (profile=cpu|demo|gpu)"),
     "overhead": (cmd_overhead, "time student step, teacher forward and each method's KD step (overhead ratio)"),
 }
 

@@ -1,0 +1,204 @@
+"""Proof of gains: `yolokd bench` trains a teacher, the plain student and every distilled student, over seeds.
+
+From nothing, on one machine: generate the data (default `data=synthetic`), train the teacher once, then for each
+seed the plain student and one distilled student per method, all with the same schedule, augmentation and seed,
+so each distilled run is paired with the plain run of its seed. It reports mAP50-95 and mAP50 (mean +- std over
+seeds), the paired gain over the plain student, the share of the teacher-student gap closed
+`(distilled - plain) / (teacher - plain)`, and the training time per epoch, as Markdown + JSON + a plot.
+
+Every run lives in `out/<run>/`; a finished run leaves `out/<run>/result.json` and is skipped next time, an
+interrupted one (a `weights/last.pt` but no result) is resumed. So re-running the same command continues.
+
+    yolokd bench                       # the CPU profile (see PROFILES)
+    yolokd bench profile=demo          # the README's quick demo: teacher, plain and dfd students, one seed
+    yolokd bench profile=gpu data=VOC.yaml device=0
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from ultralytics.utils import LOGGER, colorstr
+
+from yolokd.data.synthetic import resolve_data
+
+
+@dataclass
+class Profile:
+    """One benchmark setting. Every field can be overridden on the command line (`epochs=20 seeds=0,1`)."""
+
+    data: str = "synthetic"
+    teacher_model: str = "yolov8s.yaml"
+    student_model: str = "yolov8n.yaml"
+    methods: tuple[str, ...] = ("fitnet", "ultralytics", "dfd", "pdf", "rm", "pfi", "rmpfi", "pgd")
+    seeds: tuple[int, ...] = (0, 1, 2)
+    epochs: int = 12
+    teacher_epochs: int = 30
+    imgsz: int = 128
+    batch: int = 16
+    device: str = "cpu"
+    out: str = "runs/bench"
+    train_args: dict = field(default_factory=dict)  # any other Ultralytics / yolokd train arguments
+
+    def run_args(self, **extra) -> dict:
+        return dict(data=resolve_data(self.data), imgsz=self.imgsz, batch=self.batch, device=self.device,
+                    workers=0, plots=False, exist_ok=True, project=str(Path(self.out).resolve()), verbose=False,
+                    **{**self.train_args, **extra})
+
+
+PROFILES = {
+    "cpu": Profile(),
+    "demo": Profile(methods=("dfd",), seeds=(0,), epochs=10, teacher_epochs=20, out="runs/demo"),
+    "gpu": Profile(teacher_model="yolov8l.yaml", student_model="yolov8n.yaml", seeds=(0, 1, 2), epochs=100,
+                   teacher_epochs=200, imgsz=640, batch=32, device="0", out="runs/bench-gpu"),
+}
+
+
+def train_run(name: str, model: str, args: dict) -> dict:
+    """Train (or resume, or skip) one run and return its result record."""
+    from ultralytics import YOLO
+
+    from yolokd.trainer import DistillationTrainer
+
+    run = Path(args["project"]) / name
+    done = run / "result.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    last = run / "weights" / "last.pt"
+    t0 = time.time()
+    if last.exists():
+        LOGGER.info(f"{colorstr('bench:')} resuming {name}")
+        yolo = YOLO(str(last))
+        yolo.train(trainer=DistillationTrainer, resume=True)
+    else:
+        LOGGER.info(f"{colorstr('bench:')} training {name}")
+        yolo = YOLO(model)
+        yolo.train(trainer=DistillationTrainer, name=name, **args)
+    metrics = yolo.trainer.metrics or {}
+    rows = (run / "results.csv").read_text().strip().splitlines()
+    epochs = max(len(rows) - 1, 1)
+    result = {
+        "run": name,
+        "map50_95": float(metrics.get("metrics/mAP50-95(B)", 0.0)),
+        "map50": float(metrics.get("metrics/mAP50(B)", 0.0)),
+        "sec_per_epoch": float(rows[-1].split(",")[1]) / epochs if len(rows) > 1 else (time.time() - t0),
+        "best": str(run / "weights" / "best.pt"),
+    }
+    done.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def run_all(p: Profile) -> dict:
+    """Teacher once, then plain + each method for each seed. Returns {"teacher": rec, run_name: rec, ...}."""
+    results = {"teacher": train_run("teacher", p.teacher_model, p.run_args(epochs=p.teacher_epochs, seed=0))}
+    teacher = results["teacher"]["best"]
+    for seed in p.seeds:
+        results[f"plain_s{seed}"] = train_run(f"plain_s{seed}", p.student_model, p.run_args(epochs=p.epochs, seed=seed))
+        for m in p.methods:
+            name = f"{m}_s{seed}"
+            results[name] = train_run(name, p.student_model,
+                                      p.run_args(epochs=p.epochs, seed=seed, teacher=teacher, method=m))
+    return results
+
+
+def _mean_std(xs: list[float]) -> str:
+    return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs):.4f}" if len(xs) > 1 else f"{xs[0]:.4f}"
+
+
+def summarize(p: Profile, results: dict) -> list[dict]:
+    """One row per student kind: metrics over seeds and the paired comparison with the plain student."""
+    t = results["teacher"]
+    plain = {s: results[f"plain_s{s}"] for s in p.seeds}
+    rows = []
+    for kind in ("plain", *p.methods):
+        recs = {s: results[f"{kind}_s{s}"] for s in p.seeds}
+        gains = [recs[s]["map50_95"] - plain[s]["map50_95"] for s in p.seeds]
+        gaps = [g / (t["map50_95"] - plain[s]["map50_95"]) for g, s in zip(gains, p.seeds)
+                if t["map50_95"] - plain[s]["map50_95"] > 1e-6]
+        rows.append({
+            "student": kind,
+            "map50_95": [recs[s]["map50_95"] for s in p.seeds],
+            "map50": [recs[s]["map50"] for s in p.seeds],
+            "gain": gains,
+            "gap_closed": statistics.mean(gaps) if gaps else math.nan,
+            "wins": sum(g > 0 for g in gains),
+            "sec_per_epoch": statistics.mean(recs[s]["sec_per_epoch"] for s in p.seeds),
+        })
+    return rows
+
+
+def markdown(p: Profile, results: dict, rows: list[dict]) -> str:
+    """The benchmark table (Markdown), with the setting it was measured in."""
+    t = results["teacher"]
+    head = (
+        f"Teacher {p.teacher_model} ({p.teacher_epochs} epochs): mAP50-95 {t['map50_95']:.4f}, mAP50 {t['map50']:.4f}. "
+        f"Students {p.student_model}, {p.epochs} epochs, imgsz {p.imgsz}, batch {p.batch}, data {p.data}, "
+        f"seeds {list(p.seeds)}, device {p.device}.\n\n"
+        "| student | mAP50-95 | mAP50 | gain vs plain (paired) | wins | gap closed | s/epoch |\n"
+        "|---|---|---|---|---|---|---|\n"
+    )
+    body = ""
+    for r in rows:
+        base = r["student"] == "plain"
+        gain = "—" if base else _mean_std(r["gain"])
+        wins = "—" if base else f"{r['wins']}/{len(p.seeds)}"
+        gap = "—" if base or math.isnan(r["gap_closed"]) else f"{100 * r['gap_closed']:.1f} %"
+        body += (f"| {r['student']} | {_mean_std(r['map50_95'])} | {_mean_std(r['map50'])} | {gain} | {wins} | "
+                 f"{gap} | {r['sec_per_epoch']:.1f} |\n")
+    return head + body
+
+
+def plot(rows: list[dict], teacher_map: float, path: Path) -> None:
+    """Bar chart of mAP50-95 per student kind (mean, with the per-seed points), the teacher as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.2 * len(rows) + 2, 4))
+    for i, r in enumerate(rows):
+        ax.bar(i, statistics.mean(r["map50_95"]), color="tab:gray" if r["student"] == "plain" else "tab:blue")
+        ax.scatter([i] * len(r["map50_95"]), r["map50_95"], color="black", s=10, zorder=3)
+    ax.axhline(teacher_map, color="tab:red", linestyle="--", label="teacher")
+    ax.set_xticks(range(len(rows)), [r["student"] for r in rows], rotation=30)
+    ax.set_ylabel("mAP50-95")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def bench(p: Profile) -> Path:
+    """Run (or continue) the benchmark and write `benchmarks.md`, `benchmarks.json` and `benchmarks.png` in out/."""
+    results = run_all(p)
+    rows = summarize(p, results)
+    out = Path(p.out)
+    md = markdown(p, results, rows)
+    (out / "benchmarks.md").write_text(md)
+    (out / "benchmarks.json").write_text(json.dumps({"profile": asdict(p), "results": results, "rows": rows}, indent=2))
+    plot(rows, results["teacher"]["map50_95"], out / "benchmarks.png")
+    LOGGER.info(f"\n{md}\nWritten to {out.resolve()}/benchmarks.(md|json|png)")
+    return out / "benchmarks.md"
+
+
+def cmd_bench(argv: list[str]) -> int:
+    """`yolokd bench [profile=cpu|demo|gpu] [any Profile field=value] [any train argument=value]`."""
+    from yolokd.cli import parse_kv
+
+    a = parse_kv(argv)
+    p = PROFILES[a.pop("profile", "cpu")]
+    fields = set(Profile.__dataclass_fields__)
+    updates = {k: a.pop(k) for k in list(a) if k in fields}
+    for k in ("methods", "seeds"):
+        if k in updates:
+            v = updates[k]
+            updates[k] = tuple(v.split(",") if isinstance(v, str) else v if isinstance(v, (list, tuple)) else [v])
+    if "seeds" in updates:
+        updates["seeds"] = tuple(int(s) for s in updates["seeds"])
+    bench(replace(p, **updates, train_args={**p.train_args, **a}))
+    return 0
