@@ -39,6 +39,7 @@ class Profile:
     seeds: tuple[int, ...] = (0, 1, 2)
     epochs: int = 12
     teacher_epochs: int = 30
+    student_init_epochs: int = 0  # >0: every student starts from one plain student trained this long (warm start)
     imgsz: int = 128
     batch: int = 16
     device: str = "cpu"
@@ -97,12 +98,15 @@ def run_all(p: Profile) -> dict:
     """Teacher once, then plain + each method for each seed. Returns {"teacher": rec, run_name: rec, ...}."""
     results = {"teacher": train_run("teacher", p.teacher_model, p.run_args(epochs=p.teacher_epochs, seed=0))}
     teacher = results["teacher"]["best"]
+    student = p.student_model
+    if p.student_init_epochs > 0:  # the usual deployment case: distil into an already (pre)trained student
+        results["student_init"] = train_run("student_init", student, p.run_args(epochs=p.student_init_epochs, seed=0))
+        student = results["student_init"]["best"]
     for seed in p.seeds:
-        results[f"plain_s{seed}"] = train_run(f"plain_s{seed}", p.student_model, p.run_args(epochs=p.epochs, seed=seed))
+        results[f"plain_s{seed}"] = train_run(f"plain_s{seed}", student, p.run_args(epochs=p.epochs, seed=seed))
         for m in p.methods:
             name = f"{m}_s{seed}"
-            results[name] = train_run(name, p.student_model,
-                                      p.run_args(epochs=p.epochs, seed=seed, teacher=teacher, method=m))
+            results[name] = train_run(name, student, p.run_args(epochs=p.epochs, seed=seed, teacher=teacher, method=m))
     return results
 
 
@@ -137,7 +141,9 @@ def markdown(p: Profile, results: dict, rows: list[dict]) -> str:
     t = results["teacher"]
     head = (
         f"Teacher {p.teacher_model} ({p.teacher_epochs} epochs): mAP50-95 {t['map50_95']:.4f}, mAP50 {t['map50']:.4f}. "
-        f"Students {p.student_model}, {p.epochs} epochs, imgsz {p.imgsz}, batch {p.batch}, data {p.data}, "
+        + (f"Students start from a plain {p.student_model} trained {p.student_init_epochs} epochs (mAP50-95 "
+           f"{results['student_init']['map50_95']:.4f}). " if "student_init" in results else "")
+        + f"Students {p.student_model}, {p.epochs} epochs, imgsz {p.imgsz}, batch {p.batch}, data {p.data}, "
         f"seeds {list(p.seeds)}, device {p.device}.\n\n"
         "| student | mAP50-95 | mAP50 | gain vs plain (paired) | wins | gap closed | s/epoch |\n"
         "|---|---|---|---|---|---|---|\n"
