@@ -59,6 +59,9 @@ CASES = [  # (extra arguments, words the error must contain)
     (dict(teacher="good", distill_model="good"), ["distill_model", "method=ultralytics"]),
     (dict(teacher="good", method="ultralytics+dfd"), ["cannot be combined"]),
     (dict(model="yolov8n-cls.yaml", teacher="good"), ["student", "'classify' model"]),
+    (dict(method="dicod"), ["needs an image-classifier teacher", "cls_teacher="]),
+    (dict(method="dicod", cls_teacher="good"), ["not an image classifier", "teacher="]),
+    (dict(method="dicod", cls_teacher="missing"), ["was not found"]),
 ]
 
 

@@ -107,9 +107,17 @@ def cmd_bench(argv: list[str]) -> int:
     return run(argv)
 
 
+def cmd_crops(argv: list[str]) -> int:
+    """Cut the ground-truth objects of a detection dataset into an image-classification set."""
+    from yolokd.data.crops import cmd_crops as run
+
+    return run(argv)
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "train": (cmd_train, "train a student with a teacher (teacher=, method=), or a plain model"),
     "methods": (cmd_methods, "list the distillation methods and their defaults"),
+    "crops": (cmd_crops, "cut GT objects of a detection set into a classification set (classifier teacher, dicod)"),
     "bench": (cmd_bench, "benchmark: teacher, plain and distilled students over seeds (profile=cpu|demo|gpu)"),
     "overhead": (cmd_overhead, "time student step, teacher forward and each method's KD step (overhead ratio)"),
 }

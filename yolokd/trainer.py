@@ -98,6 +98,8 @@ class DistillationTrainer(DetectionTrainer):
         if not names:
             return None
         data = check_det_dataset(overrides["data"]) if overrides.get("data") else None
+        for n in names:
+            get_method(n).check_inputs(overrides, data)
         student_spec = overrides.get("model")
         student = load_detector(student_spec, "student", nc=data and data["nc"]) if student_spec else None
         teacher = None
@@ -134,7 +136,7 @@ class DistillationTrainer(DetectionTrainer):
         self.kd_methods = MethodSet(names, s_feats, t_feats, self.args).to(self.device)
         if self.resume:
             self._load_kd_state()
-        n_adapt = sum(p.numel() for p in self.kd_methods.parameters())
+        n_adapt = sum(p.numel() for p in self.kd_methods.parameters() if p.requires_grad)
         LOGGER.info(
             f"{colorstr('yolokd:')} method={'+'.join(names)} teacher={self.args.teacher} "
             f"({n_adapt:,} adapter parameters, trained with the student and never saved in it)"

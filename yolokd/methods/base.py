@@ -54,6 +54,11 @@ class DistillMethod(nn.Module):
     needs_teacher: ClassVar[bool] = True
     uses_args: ClassVar[tuple[str, ...]] = ()  # top-level train arguments it takes as keywords (e.g. cls_teacher)
 
+    @classmethod
+    def check_inputs(cls, args: dict, data: dict | None) -> None:
+        """Pre-flight check of the method's own inputs (train arguments, dataset dict), before any run folder
+        exists; raise `DistillationConfigError` naming the problem and the fix. Default: nothing to check."""
+
     def forward(self, s: Features, t: Features | None, ctx: StepContext) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
