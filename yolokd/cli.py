@@ -114,11 +114,27 @@ def cmd_crops(argv: list[str]) -> int:
     return run(argv)
 
 
+def cmd_export(argv: list[str]) -> int:
+    """Export a distilled student (clean-student check first, ONNX parity check after)."""
+    from yolokd.exporting import cmd_export as run
+
+    return run(argv)
+
+
+def cmd_benchmark(argv: list[str]) -> int:
+    """Latency on every available runtime, and mAP, of a set of models."""
+    from yolokd.bench.latency import cmd_benchmark as run
+
+    return run(argv)
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "train": (cmd_train, "train a student with a teacher (teacher=, method=), or a plain model"),
     "methods": (cmd_methods, "list the distillation methods and their defaults"),
     "crops": (cmd_crops, "cut GT objects of a detection set into a classification set (classifier teacher, dicod)"),
-    "bench": (cmd_bench, "benchmark: teacher, plain and distilled students over seeds (profile=cpu|demo|gpu)"),
+    "export": (cmd_export, "export a student (onnx, engine, ...) after a clean-student check; ONNX parity check"),
+    "benchmark": (cmd_benchmark, "latency (PyTorch / ONNX Runtime / TensorRT) and mAP of models: CSV, Markdown, PNG"),
+    "bench": (cmd_bench, "accuracy gains: teacher, plain and distilled students over seeds (profile=cpu|demo|gpu)"),
     "overhead": (cmd_overhead, "time student step, teacher forward and each method's KD step (overhead ratio)"),
 }
 
