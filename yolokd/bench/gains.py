@@ -35,11 +35,13 @@ class Profile:
     data: str = "synthetic"
     teacher_model: str = "yolov8s.yaml"
     student_model: str = "yolov8n.yaml"
-    methods: tuple[str, ...] = ("fitnet", "ultralytics", "dfd", "pdf", "rm", "pfi", "rmpfi", "pgd")
+    methods: tuple[str, ...] = ("fitnet", "ultralytics", "dfd", "pdf", "rm", "pfi", "rmpfi", "pgd", "dicod")
     seeds: tuple[int, ...] = (0, 1, 2)
     epochs: int = 12
     teacher_epochs: int = 30
     student_init_epochs: int = 0  # >0: every student starts from one plain student trained this long (warm start)
+    cls_teacher_epochs: int = 10  # DICOD's classifier teacher (yolov8n-cls on GT crops at 64 px)
+    jobs: int = 1  # student runs trained in parallel (Ultralytics uses one CPU thread per process on 2 cores)
     imgsz: int = 128
     batch: int = 16
     device: str = "cpu"
@@ -47,25 +49,31 @@ class Profile:
     train_args: dict = field(default_factory=dict)  # any other Ultralytics / yolokd train arguments
 
     def run_args(self, **extra) -> dict:
-        return dict(data=resolve_data(self.data), imgsz=self.imgsz, batch=self.batch, device=self.device,
-                    workers=0, plots=False, exist_ok=True, project=str(Path(self.out).resolve()), verbose=False,
-                    **{**self.train_args, **extra})
+        """Train arguments of one run: the profile's, then `train_args`, then the run's own (`extra`)."""
+        args = dict(data=resolve_data(self.data), imgsz=self.imgsz, batch=self.batch, device=self.device, workers=0,
+                    plots=False, exist_ok=True, project=str(Path(self.out).resolve()), verbose=False)
+        return {**args, **self.train_args, **extra}
 
 
 PROFILES = {
-    "cpu": Profile(),
-    "demo": Profile(methods=("dfd",), seeds=(0,), epochs=10, teacher_epochs=20, out="runs/demo"),
+    # 2-core CPU, about 90 min: warm-started students, two runs at a time (one thread each).
+    "cpu": Profile(seeds=(0, 1), epochs=4, teacher_epochs=20, student_init_epochs=10, imgsz=160, jobs=2),
+    # The README's main job: the cpu profile's teacher and warm start, then the plain and the dfd student (its runs
+    # are the cpu profile's, so `yolokd bench` afterwards reuses them).
+    "demo": Profile(methods=("dfd",), seeds=(0,), epochs=4, teacher_epochs=20, student_init_epochs=10, imgsz=160,
+                    jobs=2),
     "gpu": Profile(teacher_model="yolov8l.yaml", student_model="yolov8n.yaml", seeds=(0, 1, 2), epochs=100,
                    teacher_epochs=200, imgsz=640, batch=32, device="0", out="runs/bench-gpu"),
 }
 
 
-def train_run(name: str, model: str, args: dict) -> dict:
-    """Train (or resume, or skip) one run and return its result record."""
+def train_run(name: str, model: str, args: dict, detector: bool = True) -> dict:
+    """Train (or resume, or skip) one run and return its result record (`detector=False`: a classifier)."""
     from ultralytics import YOLO
 
     from yolokd.trainer import DistillationTrainer
 
+    trainer = DistillationTrainer if detector else None
     run = Path(args["project"]) / name
     done = run / "result.json"
     if done.exists():
@@ -75,11 +83,11 @@ def train_run(name: str, model: str, args: dict) -> dict:
     if last.exists():
         LOGGER.info(f"{colorstr('bench:')} resuming {name}")
         yolo = YOLO(str(last))
-        yolo.train(trainer=DistillationTrainer, resume=True)
+        yolo.train(trainer=trainer, resume=True)
     else:
         LOGGER.info(f"{colorstr('bench:')} training {name}")
         yolo = YOLO(model)
-        yolo.train(trainer=DistillationTrainer, name=name, **args)
+        yolo.train(trainer=trainer, name=name, **args)
     metrics = yolo.trainer.metrics or {}
     rows = (run / "results.csv").read_text().strip().splitlines()
     epochs = max(len(rows) - 1, 1)
@@ -87,6 +95,7 @@ def train_run(name: str, model: str, args: dict) -> dict:
         "run": name,
         "map50_95": float(metrics.get("metrics/mAP50-95(B)", 0.0)),
         "map50": float(metrics.get("metrics/mAP50(B)", 0.0)),
+        "top1": float(metrics.get("metrics/accuracy_top1", 0.0)),
         "sec_per_epoch": float(rows[-1].split(",")[1]) / epochs if len(rows) > 1 else (time.time() - t0),
         "best": str(run / "weights" / "best.pt"),
     }
@@ -102,12 +111,34 @@ def run_all(p: Profile) -> dict:
     if p.student_init_epochs > 0:  # the usual deployment case: distil into an already (pre)trained student
         results["student_init"] = train_run("student_init", student, p.run_args(epochs=p.student_init_epochs, seed=0))
         student = results["student_init"]["best"]
-    for seed in p.seeds:
-        results[f"plain_s{seed}"] = train_run(f"plain_s{seed}", student, p.run_args(epochs=p.epochs, seed=seed))
+    cls_teacher = cls_teacher_run(p) if any("dicod" in m.split("+") for m in p.methods) else None
+    jobs = {f"plain_s{s}": (student, p.run_args(epochs=p.epochs, seed=s)) for s in p.seeds}
+    for s in p.seeds:
         for m in p.methods:
-            name = f"{m}_s{seed}"
-            results[name] = train_run(name, student, p.run_args(epochs=p.epochs, seed=seed, teacher=teacher, method=m))
+            dicod = {"cls_teacher": cls_teacher} if "dicod" in m.split("+") else {}
+            jobs[f"{m}_s{s}"] = (student, p.run_args(epochs=p.epochs, seed=s, teacher=teacher, method=m, **dicod))
+    if p.jobs > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(p.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {name: pool.submit(train_run, name, *job) for name, job in jobs.items()}
+            results.update({name: f.result() for name, f in futures.items()})
+    else:
+        results.update({name: train_run(name, *job) for name, job in jobs.items()})
     return results
+
+
+def cls_teacher_run(p: Profile) -> str:
+    """DICOD's classifier teacher: GT crops of the training data, then a yolov8n-cls trained on them."""
+    from yolokd.data.crops import MARKER, make_crops
+
+    crops = Path(p.out).resolve() / "crops"
+    if not (crops / MARKER).exists():
+        make_crops(resolve_data(p.data), crops, imgsz=64)
+    args = p.run_args(epochs=p.cls_teacher_epochs, seed=0, imgsz=64)
+    args["data"] = str(crops)
+    return train_run("cls_teacher", "yolov8n-cls.yaml", args, detector=False)["best"]
 
 
 def _mean_std(xs: list[float]) -> str:

@@ -21,6 +21,7 @@ from ultralytics.nn.tasks import DetectionModel
 from ultralytics.utils import LOGGER
 
 from yolokd.checks import dry_forward, freeze, load_detector
+from yolokd.config import full_defaults
 from yolokd.criterion import DistillationLoss
 from yolokd.methods.base import MethodSet, get_method, list_methods
 from yolokd.taps import Taps, raw_forward
@@ -53,11 +54,13 @@ def median_time(fn: Callable[[], None], iters: int, warmup: int) -> float:
 
 
 def measure(model: str, teacher: str, methods: list[str], imgsz: int = 160, batch: int = 16, iters: int = 5,
-            warmup: int = 2, nc: int = 6) -> dict[str, float]:
-    """Milliseconds per step: 'student', 'teacher', and one entry per method (see module docstring)."""
+            warmup: int = 2, nc: int = 6, **kd_args) -> dict[str, float]:
+    """Milliseconds per step: 'student', 'teacher', and one entry per method (see module docstring).
+
+    `kd_args`: yolokd train arguments for the methods (e.g. cls_teacher= for dicod, dfd_alpha=...)."""
     data = random_batch(batch, imgsz, nc)
     t_model = freeze(load_detector(teacher, "teacher", nc=nc).float())
-    args = get_cfg()
+    args = get_cfg({**full_defaults(), **kd_args})
 
     def student_and_optimizer():
         torch.manual_seed(0)
@@ -103,8 +106,8 @@ def cmd_overhead(argv: list[str]) -> int:
     from yolokd.cli import parse_kv
 
     a = parse_kv(argv)
-    default = [m for m in list_methods() if not get_method(m).uses_args and not getattr(get_method(m), "delegated", 0)]
-    methods = a.pop("methods", ",".join(default))
+    runnable = [m for m in list_methods() if not getattr(get_method(m), "delegated", False)]
+    methods = a.pop("methods", ",".join(m for m in runnable if m != "dicod" or a.get("cls_teacher")))
     methods = methods.split(",") if isinstance(methods, str) else list(methods)
     torch.set_num_threads(a.pop("threads", torch.get_num_threads()))
     times = measure(a.pop("model", "yolov8n.yaml"), a.pop("teacher", "yolov8s.yaml"), methods, **a)
