@@ -32,12 +32,13 @@ def test_gap_closed_undefined_when_teacher_not_better():
 
 @pytest.mark.slow
 def test_tiny_bench_runs_then_skips_finished_runs(tmp_path, tiny_data):
-    p = Profile(data=tiny_data, methods=("fitnet",), seeds=(0,), epochs=1, teacher_epochs=1, imgsz=64, batch=8,
-                out=str(tmp_path / "bench"))
+    p = Profile(data=tiny_data, methods=("fitnet", "dicod"), seeds=(0,), epochs=1, teacher_epochs=1, imgsz=64,
+                batch=8, student_init_epochs=1, cls_teacher_epochs=1, jobs=2, out=str(tmp_path / "bench"))
     md = bench(p)
     assert md.exists() and (md.parent / "benchmarks.png").exists()
     data = json.loads((md.parent / "benchmarks.json").read_text())
-    assert {"teacher", "plain_s0", "fitnet_s0"} <= set(data["results"])
+    assert {"teacher", "student_init", "plain_s0", "fitnet_s0", "dicod_s0"} <= set(data["results"])
+    assert (md.parent / "crops" / "crops.yaml").exists() and (md.parent / "cls_teacher" / "result.json").exists()
     stamps = {f: f.stat().st_mtime for f in (md.parent).glob("*/result.json")}
     bench(p)  # everything done: nothing is retrained
     assert stamps == {f: f.stat().st_mtime for f in (md.parent).glob("*/result.json")}

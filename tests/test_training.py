@@ -109,8 +109,9 @@ def test_resume_restores_adapters_and_continues(teacher, tiny_data, train_kwargs
     assert len(read_results(first.save_dir)) == 2  # epoch 1 from the first run, epoch 2 from the resumed one
 
 
-def test_yolo26_student_from_v8_teacher(teacher, tiny_data, train_kwargs):
-    t = train("yolo26n.yaml", "dfd_26", train_kwargs, data=tiny_data, teacher=teacher, method="dfd")
+@pytest.mark.parametrize("student", ["yolo26n.yaml", "yolo11n.yaml"])
+def test_other_families_from_v8_teacher(student, teacher, tiny_data, train_kwargs):
+    t = train(student, f"dfd_{student[:6]}", train_kwargs, data=tiny_data, teacher=teacher, method="dfd")
     check_kd_columns(t.save_dir, "dfd_hd", "dfd_ld")
     assert "ultralytics" in pickled_modules(t.best) and "yolokd" not in pickled_modules(t.best)
 
