@@ -53,3 +53,18 @@ def test_parse_kv_uses_ultralytics_parsing():
         "epochs": 3, "imgsz": 128, "method": "pgd+rm", "amp": False, "lr0": 1e-3}
     with pytest.raises(SyntaxError, match="key=value"):
         parse_kv(["epochs"])
+
+
+def test_example_configs_use_valid_keys():
+    from ultralytics.utils import YAML
+
+    from yolokd.config import cfg_dir, full_defaults
+
+    examples = sorted((cfg_dir() / "examples").glob("*.yaml"))
+    assert examples
+    for path in examples:
+        cfg = YAML.load(path)
+        assert set(cfg) <= set(full_defaults()), path
+        from yolokd.methods import parse_methods
+
+        parse_methods(cfg["method"])
