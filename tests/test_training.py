@@ -133,3 +133,20 @@ def test_cli_train_synthetic(teacher, train_kwargs, capsys):
                  f"project={train_kwargs['project']}", "name=cli", "exist_ok=True"])
     assert code == 0
     check_kd_columns(Path(train_kwargs["project"]) / "cli")
+
+
+PGD_COLS, RM_COLS = ["pgd_cls", "pgd_reg", "pgd_att"], ["rm_cls", "rm_loc"]
+
+
+@pytest.mark.parametrize("method,columns", [
+    ("pdf", []), ("pfi", []), ("rm", RM_COLS), ("rmpfi", ["rmpfi_cls", "rmpfi_loc", "rmpfi_pfi"]), ("pgd", PGD_COLS),
+    ("dfd+pgd+rm", ["dfd_hd", "dfd_ld", *PGD_COLS, *RM_COLS]),
+])
+def test_every_method_trains_a_yolo11_student(method, columns, teacher, tiny_data, train_kwargs):
+    t = train("yolo11n.yaml", f"y11_{method}", train_kwargs, data=tiny_data, teacher=teacher, method=method)
+    row = read_results(t.save_dir)[0]
+    assert math.isfinite(row["train/kd_loss"]) and row["train/kd_loss"] > 0
+    logged = sorted(k[len("train/"):] for k in row if k.startswith("train/") and k.split("/")[1] not in
+                    {"box_loss", "cls_loss", "dfl_loss", "kd_loss"})
+    assert logged == sorted(columns)
+    assert all(math.isfinite(row[f"train/{c}"]) for c in columns)
