@@ -115,3 +115,16 @@ def test_dfd_gradients_flow_only_where_they_should():
 def test_dfd_transformation_width(cap, expected):
     m = make_dfd(c_s=4, c_t=4, hidden_cap=cap)
     assert m.transform[0][0].out_channels == expected  # Tab. 5: 2C, optionally capped
+
+
+def test_kd_max_ratio_caps_but_never_boosts():
+    from yolokd.criterion import cap_ratio
+
+    a, b = torch.tensor(3.0, requires_grad=True), torch.tensor(1.0, requires_grad=True)
+    capped = cap_ratio({"a": a, "b": b}, task=torch.tensor(8.0), max_ratio=0.25)  # cap = 2, kd = 4 -> x 0.5
+    assert torch.isclose(capped["a"], torch.tensor(1.5)) and torch.isclose(capped["b"], torch.tensor(0.5))
+    capped["a"].backward()
+    assert torch.isclose(a.grad, torch.tensor(0.5))  # the factor is a constant: gradients scale, directions stay
+    same = cap_ratio({"a": a, "b": b}, task=torch.tensor(8.0), max_ratio=1.0)  # kd 4 <= 8: untouched
+    assert torch.equal(same["a"], a) and torch.equal(same["b"], b)
+    assert cap_ratio({"a": a}, task=torch.tensor(0.1), max_ratio=0.0)["a"] is a  # 0 = off

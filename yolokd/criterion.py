@@ -16,6 +16,20 @@ from yolokd.methods.base import MethodSet, StepContext
 from yolokd.taps import Taps, _AssignmentRecorder, assigner_of, raw_forward
 
 
+def cap_ratio(terms: dict[str, torch.Tensor], task: torch.Tensor, max_ratio: float) -> dict[str, torch.Tensor]:
+    """Scale all terms by one detached factor so that their sum is at most `max_ratio * task` (never scaled up).
+
+    A safety valve for loss scale: a paper's weights were tuned for other features (mmdet FPNs, 640 px, two-stage
+    heads); with YOLO features the same weights can make the KD term many times the task loss, and the student
+    ends worse than without a teacher. `max_ratio <= 0` leaves the terms as they are.
+    """
+    if max_ratio <= 0:
+        return terms
+    kd = torch.stack(list(terms.values())).sum().detach()
+    scale = (max_ratio * task.detach() / kd.clamp_min(1e-12)).clamp(max=1.0)
+    return {k: v * scale for k, v in terms.items()}
+
+
 class DistillationLoss:
     """Task loss of the student + sum of the methods' weighted terms, logged as `kd_loss` and one column per term.
 
@@ -26,11 +40,12 @@ class DistillationLoss:
         teacher_taps: taps on the teacher.
         methods: the methods to apply (owns the adapters); None trains a plain student.
         trainer: read for `epoch` / `epochs` only.
+        max_ratio: `kd_max_ratio` (see `cap_ratio`).
     """
 
     def __init__(self, task, student_taps: Taps, teacher: nn.Module | None, teacher_taps: Taps | None,
-                 methods: MethodSet | None, trainer=None):
-        self.task, self.student_taps = task, student_taps
+                 methods: MethodSet | None, trainer=None, max_ratio: float = 0.0):
+        self.task, self.student_taps, self.max_ratio = task, student_taps, max_ratio
         self.teacher, self.teacher_taps, self.methods, self.trainer = teacher, teacher_taps, methods, trainer
         self.assignment = _AssignmentRecorder()
         self._assign_handle = assigner_of(task).register_forward_hook(self.assignment)
@@ -49,6 +64,7 @@ class DistillationLoss:
                           epoch=getattr(self.trainer, "epoch", 0), epochs=getattr(self.trainer, "epochs", 1))
         with torch.autocast(batch["img"].device.type, enabled=False):
             terms = self.methods(s.float(), None if t is None else t.float(), ctx)
+            terms = cap_ratio(terms, loss.detach().float().sum() / batch["img"].shape[0], self.max_ratio)
         kd = torch.stack(list(terms.values())).sum()
         items = {**items, "kd_loss": kd.detach()}
         if len(terms) > 1:

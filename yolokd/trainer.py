@@ -163,7 +163,8 @@ class DistillationTrainer(DetectionTrainer):
         student = unwrap_model(self.model)
         task = getattr(student, "criterion", None) or student.init_criterion()
         student.criterion = DistillationLoss(
-            task, Taps(student, self.kd_methods.taps), self.teacher, self.teacher_taps, self.kd_methods, trainer=self
+            task, Taps(student, self.kd_methods.taps), self.teacher, self.teacher_taps, self.kd_methods, trainer=self,
+            max_ratio=float(self.args.kd_max_ratio or 0.0),
         )
 
     # ---------------------------------------------------------------- step, save, resume
