@@ -164,7 +164,7 @@ class DistillationTrainer(DetectionTrainer):
         task = getattr(student, "criterion", None) or student.init_criterion()
         student.criterion = DistillationLoss(
             task, Taps(student, self.kd_methods.taps), self.teacher, self.teacher_taps, self.kd_methods, trainer=self,
-            max_ratio=float(self.args.kd_max_ratio or 0.0),
+            max_ratio=float(getattr(self.args, "kd_max_ratio", 0.0) or 0.0),
         )
 
     # ---------------------------------------------------------------- step, save, resume
