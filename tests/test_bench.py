@@ -42,3 +42,19 @@ def test_tiny_bench_runs_then_skips_finished_runs(tmp_path, tiny_data):
     stamps = {f: f.stat().st_mtime for f in (md.parent).glob("*/result.json")}
     bench(p)  # everything done: nothing is retrained
     assert stamps == {f: f.stat().st_mtime for f in (md.parent).glob("*/result.json")}
+
+
+def test_overhead_times_every_method_with_a_checkpoint_student(tmp_path):
+    """`yolokd overhead` accepts a trained .pt student (not only a .yaml) and times the student step, the teacher
+    forward and each method; the printed overhead is kd step / (student step + teacher forward)."""
+    from tests.helpers import save_checkpoint
+    from yolokd.bench.overhead import measure, report
+
+    names = {i: f"c{i}" for i in range(3)}
+    student = save_checkpoint(tmp_path / "student.pt", "yolov8n.yaml", names)
+    teacher = save_checkpoint(tmp_path / "teacher.pt", "yolov8n.yaml", names)
+    times = measure(str(student), str(teacher), ["fitnet", "pfi"], imgsz=64, batch=2, iters=1, warmup=0)
+    assert set(times) == {"student", "teacher", "fitnet", "pfi"} and all(t > 0 for t in times.values())
+    table = report(times)
+    ratio = times["pfi"] / (times["student"] + times["teacher"])
+    assert f"{ratio:.3f}" in table.splitlines()[-1]

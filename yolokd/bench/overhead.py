@@ -6,6 +6,7 @@ distillation step of each method (student step + teacher forward + KD terms + ad
 models; the goal is <= 1.10. Figures are medians over `iters` timed steps after `warmup` untimed ones.
 
     yolokd overhead model=yolov8n.yaml teacher=yolov8s.yaml imgsz=160 batch=16 iters=5
+    yolokd overhead model=student.pt teacher=teacher.pt cls_teacher=classifier.pt   # trained models, with dicod
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from typing import Callable
 import torch
 
 from ultralytics.cfg import get_cfg
-from ultralytics.nn.tasks import DetectionModel
 from ultralytics.utils import LOGGER
 
 from yolokd.checks import dry_forward, freeze, load_detector
@@ -58,15 +58,16 @@ def measure(model: str, teacher: str, methods: list[str], imgsz: int = 160, batc
     """Milliseconds per step: 'student', 'teacher', and one entry per method (see module docstring).
 
     `kd_args`: yolokd train arguments for the methods (e.g. cls_teacher= for dicod, dfd_alpha=...)."""
-    data = random_batch(batch, imgsz, nc)
     t_model = freeze(load_detector(teacher, "teacher", nc=nc).float())
+    nc = len(t_model.names)  # a .pt teacher brings its own class count
+    data = random_batch(batch, imgsz, nc)
     args = get_cfg({**full_defaults(), **kd_args})
 
     def student_and_optimizer():
         torch.manual_seed(0)
-        s = DetectionModel(model, nc=nc, verbose=False)
+        s = load_detector(model, "student", nc=nc).float()  # a .yaml (random init) or a trained .pt
         s.args = args
-        s.train()
+        s.train().requires_grad_(True)
         return s, torch.optim.SGD(s.parameters(), lr=1e-3, momentum=0.9)
 
     def step(s, opt, params):
