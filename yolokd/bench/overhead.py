@@ -87,7 +87,7 @@ def measure(model: str, teacher: str, methods: list[str], imgsz: int = 160, batc
         feats = s_taps.collect(dry_forward(s, imgsz)), t_taps.collect(dry_forward(t_model, imgsz))
         kd = MethodSet([name], *feats, args)
         opt.add_param_group({"params": [p for p in kd.parameters() if p.requires_grad]})
-        s.criterion = DistillationLoss(s.init_criterion(), s_taps, t_model, t_taps, kd)
+        s.criterion = DistillationLoss(s.init_criterion(), s_taps, t_model, t_taps, kd, max_ratio=args.kd_max_ratio)
         out[name] = median_time(lambda: step(s, opt, list(s.parameters()) + list(kd.parameters())), iters, warmup)
         s.criterion.remove()
     return out
