@@ -22,6 +22,7 @@ def test_summary_pairs_by_seed_and_computes_gap_closed():
     assert rows["dfd"]["wins"] == 1 and rows["plain"]["wins"] == 0
     md = markdown(p, results, list(rows.values()))
     assert "| dfd | 0.3250 ± 0.0354 |" in md and "25.0 %" in md
+    assert md.splitlines()[-3].endswith("| 1.0 | — |")  # dfd row: no overhead measured here
 
 
 def test_gap_closed_undefined_when_teacher_not_better():
@@ -39,6 +40,9 @@ def test_tiny_bench_runs_then_skips_finished_runs(tmp_path, tiny_data):
     data = json.loads((md.parent / "benchmarks.json").read_text())
     assert {"teacher", "student_init", "plain_s0", "fitnet_s0", "dicod_s0"} <= set(data["results"])
     assert (md.parent / "crops" / "crops.yaml").exists() and (md.parent / "cls_teacher" / "result.json").exists()
+    overhead = json.loads((md.parent / "overhead.json").read_text())  # measured on the run's own models
+    assert set(overhead) == {"fitnet", "dicod"} and all(0 < v < 20 for v in overhead.values())
+    assert f"| {overhead['dicod']:.2f} |" in md.read_text()
     stamps = {f: f.stat().st_mtime for f in (md.parent).glob("*/result.json")}
     bench(p)  # everything done: nothing is retrained
     assert stamps == {f: f.stat().st_mtime for f in (md.parent).glob("*/result.json")}

@@ -109,10 +109,13 @@ def test_resume_restores_adapters_and_continues(teacher, tiny_data, train_kwargs
     assert len(read_results(first.save_dir)) == 2  # epoch 1 from the first run, epoch 2 from the resumed one
 
 
-@pytest.mark.parametrize("student", ["yolo26n.yaml", "yolo11n.yaml"])
-def test_other_families_from_v8_teacher(student, teacher, tiny_data, train_kwargs):
-    t = train(student, f"dfd_{student[:6]}", train_kwargs, data=tiny_data, teacher=teacher, method="dfd")
-    check_kd_columns(t.save_dir, "dfd_hd", "dfd_ld")
+@pytest.mark.parametrize("student,method,columns", [
+    ("yolo26n.yaml", "dfd+ld", ["dfd_hd", "dfd_ld", "ld_cls", "ld_box"]),  # reg_max = 1 head: ld's L1 box term
+    ("yolo11n.yaml", "dfd", ["dfd_hd", "dfd_ld"]),
+])
+def test_other_families_from_v8_teacher(student, method, columns, teacher, tiny_data, train_kwargs):
+    t = train(student, f"{method}_{student[:6]}", train_kwargs, data=tiny_data, teacher=teacher, method=method)
+    check_kd_columns(t.save_dir, *columns)
     assert "ultralytics" in pickled_modules(t.best) and "yolokd" not in pickled_modules(t.best)
 
 
@@ -140,7 +143,7 @@ PGD_COLS, RM_COLS = ["pgd_cls", "pgd_reg", "pgd_att"], ["rm_cls", "rm_loc"]
 
 @pytest.mark.parametrize("method,columns", [
     ("pdf", []), ("pfi", []), ("rm", RM_COLS), ("rmpfi", ["rmpfi_cls", "rmpfi_loc", "rmpfi_pfi"]), ("pgd", PGD_COLS),
-    ("dfd+pgd+rm", ["dfd_hd", "dfd_ld", *PGD_COLS, *RM_COLS]),
+    ("dfd+pgd+rm", ["dfd_hd", "dfd_ld", *PGD_COLS, *RM_COLS]), ("ld", ["ld_cls", "ld_box"]),
 ])
 def test_every_method_trains_a_yolo11_student(method, columns, teacher, tiny_data, train_kwargs):
     t = train("yolo11n.yaml", f"y11_{method}", train_kwargs, data=tiny_data, teacher=teacher, method=method)

@@ -112,6 +112,8 @@ def run_all(p: Profile) -> dict:
         results["student_init"] = train_run("student_init", student, p.run_args(epochs=p.student_init_epochs, seed=0))
         student = results["student_init"]["best"]
     cls_teacher = cls_teacher_run(p) if any("dicod" in m.split("+") for m in p.methods) else None
+    if cls_teacher:
+        results["cls_teacher"] = {"best": cls_teacher}
     jobs = {f"plain_s{s}": (student, p.run_args(epochs=p.epochs, seed=s)) for s in p.seeds}
     for s in p.seeds:
         for m in p.methods:
@@ -141,12 +143,40 @@ def cls_teacher_run(p: Profile) -> str:
     return train_run("cls_teacher", "yolov8n-cls.yaml", args, detector=False)["best"]
 
 
+def overhead_run(p: Profile, results: dict) -> dict[str, float]:
+    """KD step overhead per method, `yolokd overhead` on the benchmark's own student, teacher and classifier
+    (one thread, as the benchmark's runs use). Cached in out/overhead.json; `ultralytics` is not timed (it runs
+    inside Ultralytics' own loss)."""
+    from yolokd.bench.overhead import measure
+
+    cache = Path(p.out) / "overhead.json"
+    done = json.loads(cache.read_text()) if cache.exists() else {}
+    todo = [m for m in p.methods if m not in done and m != "ultralytics"]
+    if todo:
+        import torch
+
+        student = results.get("student_init", {}).get("best", p.student_model)
+        cls_teacher = results.get("cls_teacher", {}).get("best")
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1 if p.jobs > 1 else threads)
+        try:
+            times = measure(student, results["teacher"]["best"], todo, imgsz=p.imgsz, batch=p.batch,
+                            **p.train_args, **({"cls_teacher": cls_teacher} if cls_teacher else {}))
+        finally:
+            torch.set_num_threads(threads)
+        base = times["student"] + times["teacher"]
+        done.update({m: times[m] / base for m in todo})
+        cache.write_text(json.dumps(done, indent=2))
+    return done
+
+
 def _mean_std(xs: list[float]) -> str:
     return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs):.4f}" if len(xs) > 1 else f"{xs[0]:.4f}"
 
 
-def summarize(p: Profile, results: dict) -> list[dict]:
-    """One row per student kind: metrics over seeds and the paired comparison with the plain student."""
+def summarize(p: Profile, results: dict, overhead: dict[str, float] | None = None) -> list[dict]:
+    """One row per student kind: metrics over seeds, the paired comparison with the plain student, and the KD step
+    overhead (`overhead_run`) where measured."""
     t = results["teacher"]
     plain = {s: results[f"plain_s{s}"] for s in p.seeds}
     rows = []
@@ -163,6 +193,7 @@ def summarize(p: Profile, results: dict) -> list[dict]:
             "gap_closed": statistics.mean(gaps) if gaps else math.nan,
             "wins": sum(g > 0 for g in gains),
             "sec_per_epoch": statistics.mean(recs[s]["sec_per_epoch"] for s in p.seeds),
+            "overhead": (overhead or {}).get(kind, math.nan),
         })
     return rows
 
@@ -176,8 +207,8 @@ def markdown(p: Profile, results: dict, rows: list[dict]) -> str:
            f"{results['student_init']['map50_95']:.4f}). " if "student_init" in results else "")
         + f"Students {p.student_model}, {p.epochs} epochs, imgsz {p.imgsz}, batch {p.batch}, data {p.data}, "
         f"seeds {list(p.seeds)}, device {p.device}.\n\n"
-        "| student | mAP50-95 | mAP50 | gain vs plain (paired) | wins | gap closed | s/epoch |\n"
-        "|---|---|---|---|---|---|---|\n"
+        "| student | mAP50-95 | mAP50 | gain vs plain (paired) | wins | gap closed | s/epoch | KD step overhead |\n"
+        "|---|---|---|---|---|---|---|---|\n"
     )
     body = ""
     for r in rows:
@@ -185,9 +216,13 @@ def markdown(p: Profile, results: dict, rows: list[dict]) -> str:
         gain = "—" if base else _mean_std(r["gain"])
         wins = "—" if base else f"{r['wins']}/{len(p.seeds)}"
         gap = "—" if base or math.isnan(r["gap_closed"]) else f"{100 * r['gap_closed']:.1f} %"
+        over = "—" if math.isnan(r.get("overhead", math.nan)) else f"{r['overhead']:.2f}"
         body += (f"| {r['student']} | {_mean_std(r['map50_95'])} | {_mean_std(r['map50'])} | {gain} | {wins} | "
-                 f"{gap} | {r['sec_per_epoch']:.1f} |\n")
-    return head + body
+                 f"{gap} | {r['sec_per_epoch']:.1f} | {over} |\n")
+    foot = ("\ns/epoch: wall time per training epoch, with the profile's `jobs` runs sharing the machine. KD step overhead: "
+            "one distillation step / (student step + teacher forward), `yolokd overhead` on the same models "
+            "(1.00 = the KD terms cost nothing beyond running both models).\n")
+    return head + body + foot
 
 
 def plot(rows: list[dict], teacher_map: float, path: Path) -> None:
@@ -213,7 +248,7 @@ def plot(rows: list[dict], teacher_map: float, path: Path) -> None:
 def bench(p: Profile) -> Path:
     """Run (or continue) the benchmark and write `benchmarks.md`, `benchmarks.json` and `benchmarks.png` in out/."""
     results = run_all(p)
-    rows = summarize(p, results)
+    rows = summarize(p, results, overhead_run(p, results))
     out = Path(p.out)
     md = markdown(p, results, rows)
     (out / "benchmarks.md").write_text(md)

@@ -23,7 +23,7 @@ from ultralytics.utils import LOGGER
 from yolokd.checks import dry_forward, freeze, load_detector
 from yolokd.config import full_defaults
 from yolokd.criterion import DistillationLoss
-from yolokd.methods.base import MethodSet, get_method, list_methods
+from yolokd.methods.base import MethodSet, get_method, list_methods, parse_methods
 from yolokd.taps import Taps, raw_forward
 
 
@@ -80,12 +80,13 @@ def measure(model: str, teacher: str, methods: list[str], imgsz: int = 160, batc
     s, opt = student_and_optimizer()
     out = {"student": median_time(lambda: step(s, opt, list(s.parameters())), iters, warmup)}
     out["teacher"] = median_time(lambda: torch.no_grad()(raw_forward)(t_model, data["img"]), iters, warmup)
-    for name in methods:
+    for name in methods:  # a method or a composition ("dfd+ld")
         s, opt = student_and_optimizer()
-        wanted = set(get_method(name).taps)
+        names = parse_methods(name)
+        wanted = set().union(*(get_method(n).taps for n in names))
         s_taps, t_taps = Taps(s, wanted), Taps(t_model, wanted)
         feats = s_taps.collect(dry_forward(s, imgsz)), t_taps.collect(dry_forward(t_model, imgsz))
-        kd = MethodSet([name], *feats, args)
+        kd = MethodSet(names, *feats, args)
         opt.add_param_group({"params": [p for p in kd.parameters() if p.requires_grad]})
         s.criterion = DistillationLoss(s.init_criterion(), s_taps, t_model, t_taps, kd, max_ratio=args.kd_max_ratio)
         out[name] = median_time(lambda: step(s, opt, list(s.parameters()) + list(kd.parameters())), iters, warmup)

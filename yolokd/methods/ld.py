@@ -1,0 +1,70 @@
+"""Dense prediction distillation: soft class targets plus Localization Distillation (LD).
+
+Not one of the five papers of this project: a response-based baseline that reads only the heads' outputs, to set
+against the feature-based methods (and to compose with them, `method=dfd+ld`).
+
+- Class term: knowledge distillation with soft targets (Hinton et al., 2015, arXiv:1503.02531), in the form a
+  sigmoid head needs: per anchor and class, the binary KL(Bern(p_t) || Bern(p_s)), p = sigma(z). Its gradient
+  w.r.t. z_s is p_s - p_t, exactly Ultralytics' BCE classification loss with the teacher's probabilities in place
+  of the assigner's targets.
+- Box term (reg_max > 1): LD (Zheng et al., CVPR 2022, arXiv:2102.12252, Eq. 4-5): for each of the four edges,
+  tau^2 * KL(softmax(d_t / tau) || softmax(d_s / tau)) over the reg_max bins of the box distribution; tau = 10 and
+  weight 0.25 are the LD paper's GFL settings. When either head has reg_max = 1 (YOLO26, no distribution), the box
+  term is the L1 distance between the two models' decoded ltrb distances (grid units, each by its own DFL).
+
+YOLO adaptation (ours):
+- every anchor of P3-P5 is distilled (dense, like the paper's main + valuable localisation regions together),
+  and each anchor's box term is weighted by the teacher's confidence w_a = max_c p_t (detached), so background
+  anchors, whose boxes mean nothing, barely count;
+- both sums are divided by N = max(sum_{b,a} w_a, 1), the soft analogue of Ultralytics' `target_scores_sum`,
+  so the terms have the scale of the task loss's own cls and dfl terms, whatever the image size or batch;
+- L = cls_weight * L_cls + box_weight * L_box, logged as the terms "cls" and "box".
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from yolokd.methods._common import prepare
+from yolokd.methods.base import DistillMethod, StepContext, register
+from yolokd.taps import Features
+
+
+def binary_kl(z_t: torch.Tensor, z_s: torch.Tensor) -> torch.Tensor:
+    """Elementwise KL(Bern(sigma(z_t)) || Bern(sigma(z_s))) from logits, in log space (no log(0))."""
+    p_t = z_t.sigmoid()
+    return p_t * (F.logsigmoid(z_t) - F.logsigmoid(z_s)) + (1 - p_t) * (F.logsigmoid(-z_t) - F.logsigmoid(-z_s))
+
+
+def edge_kl(d_t: torch.Tensor, d_s: torch.Tensor, tau: float) -> torch.Tensor:
+    """LD, Eq. 5: tau^2 * KL(softmax(d_t/tau) || softmax(d_s/tau)) per edge, for distributions (B, 4, R, A) -> (B, 4, A)."""
+    log_t = F.log_softmax(d_t / tau, dim=2)
+    log_s = F.log_softmax(d_s / tau, dim=2)
+    return tau**2 * (log_t.exp() * (log_t - log_s)).sum(2)
+
+
+@register
+class DensePredictionKD(DistillMethod):
+    name = "ld"
+    summary = "Dense prediction KD: soft class targets + Localization Distillation of the box distributions"
+
+    def __init__(self, student: Features, teacher: Features, *, cls_weight: float, box_weight: float,
+                 temperature: float):
+        super().__init__()
+        self.cls_weight, self.box_weight, self.tau = cls_weight, box_weight, temperature
+
+    def forward(self, s: Features, t: Features, ctx: StepContext) -> dict[str, torch.Tensor]:
+        s, t = prepare(s, t)
+        b, _, a = s.scores.shape
+        with torch.no_grad():
+            w = t.scores.sigmoid().amax(1)  # (B, A) teacher confidence
+            norm = w.sum().clamp_min(1.0)
+        cls = binary_kl(t.scores, s.scores).sum() / norm
+        reg_max = s.boxes.shape[1] // 4
+        if reg_max > 1 and t.boxes.shape[1] == s.boxes.shape[1]:
+            per_edge = edge_kl(t.boxes.view(b, 4, reg_max, a), s.boxes.view(b, 4, reg_max, a), self.tau)
+        else:  # no distribution on one side (reg_max = 1, YOLO26): compare the decoded ltrb distances
+            per_edge = (t.dfl(t.boxes) - s.dfl(s.boxes)).abs()
+        box = (per_edge.mean(1) * w).sum() / norm
+        return {"cls": self.cls_weight * cls, "box": self.box_weight * box}
