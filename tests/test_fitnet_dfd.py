@@ -128,3 +128,25 @@ def test_kd_max_ratio_caps_but_never_boosts():
     same = cap_ratio({"a": a, "b": b}, task=torch.tensor(8.0), max_ratio=1.0)  # kd 4 <= 8: untouched
     assert torch.equal(same["a"], a) and torch.equal(same["b"], b)
     assert cap_ratio({"a": a}, task=torch.tensor(0.1), max_ratio=0.0)["a"] is a  # 0 = off
+
+
+def test_kd_max_ratio_leaves_task_scaled_terms_alone():
+    from yolokd.criterion import cap_ratio
+
+    terms = {"dfd_hd": torch.tensor(3.0), "dfd_ld": torch.tensor(1.0), "ld_cls": torch.tensor(5.0)}
+    out = cap_ratio(terms, task=torch.tensor(8.0), max_ratio=0.25, exempt=frozenset({"ld_cls"}))
+    assert out["ld_cls"] is terms["ld_cls"]  # not counted, not scaled
+    assert out["dfd_hd"].item() == pytest.approx(1.5) and out["dfd_ld"].item() == pytest.approx(0.5)  # 4 -> 2
+    assert cap_ratio({"ld_cls": torch.tensor(50.0)}, torch.tensor(1.0), 0.25, frozenset({"ld_cls"}))["ld_cls"] == 50
+
+
+def test_task_scaled_columns_come_from_ld_only():
+    from yolokd.config import kd_defaults
+    from yolokd.methods.base import MethodSet
+
+    from tests.test_methods_pred_guided import random_case
+
+    s, t, c = random_case(16)
+    ms = MethodSet(["pfi", "ld"], s, t, type("Args", (), kd_defaults()))
+    terms = ms(s, t, c)
+    assert ms.task_scaled_columns(terms) == {"ld_cls", "ld_box"} and "pfi" in terms

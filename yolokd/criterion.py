@@ -16,18 +16,21 @@ from yolokd.methods.base import MethodSet, StepContext
 from yolokd.taps import Taps, _AssignmentRecorder, assigner_of, raw_forward
 
 
-def cap_ratio(terms: dict[str, torch.Tensor], task: torch.Tensor, max_ratio: float) -> dict[str, torch.Tensor]:
-    """Scale all terms by one detached factor so that their sum is at most `max_ratio * task` (never scaled up).
+def cap_ratio(terms: dict[str, torch.Tensor], task: torch.Tensor, max_ratio: float,
+              exempt: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
+    """Scale the terms by one detached factor so that their sum is at most `max_ratio * task` (never scaled up).
 
     A safety valve for loss scale: a paper's weights were tuned for other features (mmdet FPNs, 640 px, two-stage
     heads); with YOLO features the same weights can make the KD term many times the task loss, and the student
-    ends worse than without a teacher. `max_ratio <= 0` leaves the terms as they are.
+    ends worse than without a teacher. Terms named in `exempt` (methods normalised like the task loss itself,
+    `DistillMethod.task_scaled`) are neither counted nor scaled. `max_ratio <= 0` leaves the terms as they are.
     """
-    if max_ratio <= 0:
+    capped = [k for k in terms if k not in exempt]
+    if max_ratio <= 0 or not capped:
         return terms
-    kd = torch.stack(list(terms.values())).sum().detach()
+    kd = torch.stack([terms[k] for k in capped]).sum().detach()
     scale = (max_ratio * task.detach() / kd.clamp_min(1e-12)).clamp(max=1.0)
-    return {k: v * scale for k, v in terms.items()}
+    return {k: v if k in exempt else v * scale for k, v in terms.items()}
 
 
 class DistillationLoss:
@@ -64,7 +67,8 @@ class DistillationLoss:
                           epoch=getattr(self.trainer, "epoch", 0), epochs=getattr(self.trainer, "epochs", 1))
         with torch.autocast(batch["img"].device.type, enabled=False):
             terms = self.methods(s.float(), None if t is None else t.float(), ctx)
-            terms = cap_ratio(terms, loss.detach().float().sum() / batch["img"].shape[0], self.max_ratio)
+            terms = cap_ratio(terms, loss.detach().float().sum() / batch["img"].shape[0], self.max_ratio,
+                              self.methods.task_scaled_columns(terms))
         kd = torch.stack(list(terms.values())).sum()
         items = {**items, "kd_loss": kd.detach()}
         if len(terms) > 1:

@@ -35,7 +35,8 @@ class Profile:
     data: str = "synthetic"
     teacher_model: str = "yolov8s.yaml"
     student_model: str = "yolov8n.yaml"
-    methods: tuple[str, ...] = ("fitnet", "ultralytics", "dfd", "pdf", "rm", "pfi", "rmpfi", "pgd", "dicod")
+    methods: tuple[str, ...] = ("fitnet", "ultralytics", "dfd", "pdf", "rm", "pfi", "rmpfi", "pgd", "dicod", "ld",
+                                "dfd+ld")  # the last: the best composition measured (docs/benchmarks.md)
     seeds: tuple[int, ...] = (0, 1, 2)
     epochs: int = 12
     teacher_epochs: int = 30
@@ -46,22 +47,30 @@ class Profile:
     batch: int = 16
     device: str = "cpu"
     out: str = "runs/bench"
-    train_args: dict = field(default_factory=dict)  # any other Ultralytics / yolokd train arguments
+    student_args: dict = field(default_factory=dict)  # train arguments of the compared (plain and distilled) runs
+    train_args: dict = field(default_factory=dict)  # any other Ultralytics / yolokd train arguments (every run)
 
-    def run_args(self, **extra) -> dict:
-        """Train arguments of one run: the profile's, then `train_args`, then the run's own (`extra`)."""
+    def run_args(self, compared: bool = False, **extra) -> dict:
+        """Train arguments of one run: the profile's, then (for the compared student runs) `student_args`, then
+        `train_args` (the command line's), then the run's own (`extra`)."""
         args = dict(data=resolve_data(self.data), imgsz=self.imgsz, batch=self.batch, device=self.device, workers=0,
                     plots=False, exist_ok=True, project=str(Path(self.out).resolve()), verbose=False)
-        return {**args, **self.train_args, **extra}
+        return {**args, **(self.student_args if compared else {}), **self.train_args, **extra}
 
+
+# A 4-epoch run with Ultralytics' defaults takes one optimizer step per 64 images (nbs=64) and spends 3 epochs
+# warming up: at 800 images that is 50 steps, most of them at a fraction of the learning rate. The CPU profile's
+# compared runs step every batch and warm up for one epoch, so the students (plain and distilled alike) train.
+SHORT_SCHEDULE = {"nbs": 16, "warmup_epochs": 1}
 
 PROFILES = {
     # 2-core CPU, about 90 min: warm-started students, two runs at a time (one thread each).
-    "cpu": Profile(seeds=(0, 1), epochs=4, teacher_epochs=20, student_init_epochs=10, imgsz=160, jobs=2),
+    "cpu": Profile(seeds=(0, 1), epochs=4, teacher_epochs=20,
+                   student_init_epochs=10, imgsz=160, jobs=2, student_args=SHORT_SCHEDULE),
     # The README's main job: the cpu profile's teacher and warm start, then the plain and the dfd student (its runs
     # are the cpu profile's, so `yolokd bench` afterwards reuses them).
     "demo": Profile(methods=("dfd",), seeds=(0,), epochs=4, teacher_epochs=20, student_init_epochs=10, imgsz=160,
-                    jobs=2),
+                    jobs=2, student_args=SHORT_SCHEDULE),
     "gpu": Profile(teacher_model="yolov8l.yaml", student_model="yolov8n.yaml", seeds=(0, 1, 2), epochs=100,
                    teacher_epochs=200, imgsz=640, batch=32, device="0", out="runs/bench-gpu"),
 }
@@ -114,11 +123,11 @@ def run_all(p: Profile) -> dict:
     cls_teacher = cls_teacher_run(p) if any("dicod" in m.split("+") for m in p.methods) else None
     if cls_teacher:
         results["cls_teacher"] = {"best": cls_teacher}
-    jobs = {f"plain_s{s}": (student, p.run_args(epochs=p.epochs, seed=s)) for s in p.seeds}
+    jobs = {f"plain_s{s}": (student, p.run_args(True, epochs=p.epochs, seed=s)) for s in p.seeds}
     for s in p.seeds:
         for m in p.methods:
             dicod = {"cls_teacher": cls_teacher} if "dicod" in m.split("+") else {}
-            jobs[f"{m}_s{s}"] = (student, p.run_args(epochs=p.epochs, seed=s, teacher=teacher, method=m, **dicod))
+            jobs[f"{m}_s{s}"] = (student, p.run_args(True, epochs=p.epochs, seed=s, teacher=teacher, method=m, **dicod))
     if p.jobs > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
@@ -206,7 +215,8 @@ def markdown(p: Profile, results: dict, rows: list[dict]) -> str:
         + (f"Students start from a plain {p.student_model} trained {p.student_init_epochs} epochs (mAP50-95 "
            f"{results['student_init']['map50_95']:.4f}). " if "student_init" in results else "")
         + f"Students {p.student_model}, {p.epochs} epochs, imgsz {p.imgsz}, batch {p.batch}, data {p.data}, "
-        f"seeds {list(p.seeds)}, device {p.device}.\n\n"
+        f"seeds {list(p.seeds)}, device {p.device}"
+        + "".join(f", {k}={v}" for k, v in {**p.student_args, **p.train_args}.items()) + ".\n\n"
         "| student | mAP50-95 | mAP50 | gain vs plain (paired) | wins | gap closed | s/epoch | KD step overhead |\n"
         "|---|---|---|---|---|---|---|---|\n"
     )

@@ -53,6 +53,7 @@ class DistillMethod(nn.Module):
     taps: ClassVar[frozenset[str]] = frozenset()
     needs_teacher: ClassVar[bool] = True
     uses_args: ClassVar[tuple[str, ...]] = ()  # top-level train arguments it takes as keywords (e.g. cls_teacher)
+    task_scaled: ClassVar[bool] = False  # True: terms normalised like Ultralytics' own losses; kd_max_ratio skips them
 
     @classmethod
     def check_inputs(cls, args: dict, data: dict | None) -> None:
@@ -122,6 +123,11 @@ class MethodSet(nn.Module):
     def taps(self) -> set[str]:
         """Union of the branch taps the methods need."""
         return set().union(*(m.taps for m in self.methods.values()))
+
+    def task_scaled_columns(self, terms: dict[str, torch.Tensor]) -> frozenset[str]:
+        """The columns of `terms` (a `forward` output) that come from `task_scaled` methods."""
+        names = [n for n, m in self.methods.items() if m.task_scaled]
+        return frozenset(k for k in terms if any(k == n or k.startswith(f"{n}_") for n in names))
 
     def forward(self, s: Features, t: Features | None, ctx: StepContext) -> dict[str, torch.Tensor]:
         """All terms as `{column: weighted scalar}`: `<method>_<term>`, or `<method>` for a one-term method."""
