@@ -102,3 +102,11 @@ def test_mixed_heads_compare_decoded_distances():
     w = t16.scores.sigmoid().amax(1)
     expected = ((t16.dfl(t16.boxes) - s1.boxes).abs().mean(1) * w).sum() / w.sum().clamp_min(1)
     assert out["box"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_ld_is_the_default_method_with_a_teacher():
+    from yolokd.trainer import resolve_method_names
+
+    assert resolve_method_names(None, "teacher.pt") == ["ld"]
+    assert resolve_method_names("", None) == []  # no teacher, no method: plain training
+    assert resolve_method_names("dfd+ld", "teacher.pt") == ["dfd", "ld"]

@@ -42,7 +42,7 @@ from yolokd.data.synthetic import resolve_data
 from yolokd.methods.base import MethodSet, get_method, parse_methods
 from yolokd.taps import Taps, strip_taps
 
-DEFAULT_METHOD = "dfd"
+DEFAULT_METHOD = "ld"  # the method that beat the plain student in docs/benchmarks.md
 BUILTIN = "ultralytics"  # method name that hands distillation to Ultralytics' own `distill_model=`
 KD_STATE = "kd_state.pt"  # adapters of the run, beside last.pt (named so Ultralytics' `last*.pt` search skips it)
 

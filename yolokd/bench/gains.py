@@ -10,7 +10,7 @@ Every run lives in `out/<run>/`; a finished run leaves `out/<run>/result.json` a
 interrupted one (a `weights/last.pt` but no result) is resumed. So re-running the same command continues.
 
     yolokd bench                       # the CPU profile (see PROFILES)
-    yolokd bench profile=demo          # the README's quick demo: teacher, plain and dfd students, one seed
+    yolokd bench profile=demo          # the README's quick demo: teacher, plain and ld students, one seed
     yolokd bench profile=gpu data=VOC.yaml device=0
 """
 
@@ -67,9 +67,9 @@ PROFILES = {
     # 2-core CPU, about 90 min: warm-started students, two runs at a time (one thread each).
     "cpu": Profile(seeds=(0, 1), epochs=4, teacher_epochs=20,
                    student_init_epochs=10, imgsz=160, jobs=2, student_args=SHORT_SCHEDULE),
-    # The README's main job: the cpu profile's teacher and warm start, then the plain and the dfd student (its runs
+    # The README's main job: the cpu profile's teacher and warm start, then the plain and the ld student (its runs
     # are the cpu profile's, so `yolokd bench` afterwards reuses them).
-    "demo": Profile(methods=("dfd",), seeds=(0,), epochs=4, teacher_epochs=20, student_init_epochs=10, imgsz=160,
+    "demo": Profile(methods=("ld",), seeds=(0,), epochs=4, teacher_epochs=20, student_init_epochs=10, imgsz=160,
                     jobs=2, student_args=SHORT_SCHEDULE),
     "gpu": Profile(teacher_model="yolov8l.yaml", student_model="yolov8n.yaml", seeds=(0, 1, 2), epochs=100,
                    teacher_epochs=200, imgsz=640, batch=32, device="0", out="runs/bench-gpu"),

@@ -91,6 +91,10 @@ def measure(model: str, teacher: str, methods: list[str], imgsz: int = 160, batc
         s.criterion = DistillationLoss(s.init_criterion(), s_taps, t_model, t_taps, kd, max_ratio=args.kd_max_ratio)
         out[name] = median_time(lambda: step(s, opt, list(s.parameters()) + list(kd.parameters())), iters, warmup)
         s.criterion.remove()
+    # The first timing of a fresh process runs slower (allocator and kernel caches still cold), which made every
+    # method look cheaper than free: time the plain step again now and keep the faster of the two.
+    s, opt = student_and_optimizer()
+    out["student"] = min(out["student"], median_time(lambda: step(s, opt, list(s.parameters())), iters, warmup))
     return out
 
 
