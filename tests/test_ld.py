@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from yolokd.methods.ld import DensePredictionKD, binary_kl, edge_kl
+from yolokd.methods._common import binary_kl
+from yolokd.methods.ld import DensePredictionKD, edge_kl
 from yolokd.taps import Features
 
 from tests.test_methods_pred_guided import ctx, feats, logit, random_case

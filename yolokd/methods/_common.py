@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from yolokd.taps import Features
@@ -53,3 +54,11 @@ def feature_gaps(align: nn.ModuleList, s_neck: list[torch.Tensor], t_neck: list[
 def level_mean(maps: list[torch.Tensor]) -> torch.Tensor:
     """mean_l mean_{b, hw} of per-level maps (B, H_l*W_l): every level counts the same, whatever its size."""
     return torch.stack([m.mean() for m in maps]).mean()
+
+
+def binary_kl(z_t: torch.Tensor, z_s: torch.Tensor) -> torch.Tensor:
+    """Elementwise KL(Bern(sigma(z_t)) || Bern(sigma(z_s))) from logits, in log space (no log(0)).
+
+    A sigmoid head's nc outputs are independent Bernoullis, so this, not a softmax KL, compares two of them."""
+    p_t = z_t.sigmoid()
+    return p_t * (F.logsigmoid(z_t) - F.logsigmoid(z_s)) + (1 - p_t) * (F.logsigmoid(-z_t) - F.logsigmoid(-z_s))

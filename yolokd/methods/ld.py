@@ -29,15 +29,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from yolokd.methods._common import prepare
+from yolokd.methods._common import binary_kl, prepare
 from yolokd.methods.base import DistillMethod, StepContext, register
 from yolokd.taps import Features
-
-
-def binary_kl(z_t: torch.Tensor, z_s: torch.Tensor) -> torch.Tensor:
-    """Elementwise KL(Bern(sigma(z_t)) || Bern(sigma(z_s))) from logits, in log space (no log(0))."""
-    p_t = z_t.sigmoid()
-    return p_t * (F.logsigmoid(z_t) - F.logsigmoid(z_s)) + (1 - p_t) * (F.logsigmoid(-z_t) - F.logsigmoid(-z_s))
 
 
 def edge_kl(d_t: torch.Tensor, d_s: torch.Tensor, tau: float) -> torch.Tensor:

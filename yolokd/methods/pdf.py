@@ -21,11 +21,10 @@ YOLO adaptation (METHODS.md section 1):
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from yolokd.adapters import level_aligners
 from yolokd.config import DistillationConfigError
-from yolokd.methods._common import feature_gaps, level_mean, prepare, split_levels
+from yolokd.methods._common import binary_kl, feature_gaps, level_mean, prepare, split_levels
 from yolokd.methods.base import DistillMethod, StepContext, register
 from yolokd.taps import Features
 
@@ -37,10 +36,8 @@ DISAGREEMENTS = ("l2", "l1", "kl")
 def disagreement(z_s: torch.Tensor, z_t: torch.Tensor, kind: str = "l2") -> torch.Tensor:
     """Eq. 1: per-position disagreement (B, N) between class logits (B, nc, N) of the student and the teacher."""
     z_s, z_t = z_s.float(), z_t.float()
-    if kind == "kl":  # sum_c KL(Bern(p_t) || Bern(p_s)); log p = logsigmoid(z), log(1 - p) = logsigmoid(-z)
-        p_t = z_t.sigmoid()
-        kl = p_t * (F.logsigmoid(z_t) - F.logsigmoid(z_s)) + (1 - p_t) * (F.logsigmoid(-z_t) - F.logsigmoid(-z_s))
-        return kl.sum(1)
+    if kind == "kl":  # sum_c KL(Bern(p_t) || Bern(p_s))
+        return binary_kl(z_t, z_s).sum(1)
     diff = z_t.sigmoid() - z_s.sigmoid()
     return diff.abs().sum(1) if kind == "l1" else diff.pow(2).sum(1).sqrt()
 
