@@ -62,6 +62,8 @@ CASES = [  # (extra arguments, words the error must contain)
     (dict(method="dicod"), ["needs an image-classifier teacher", "cls_teacher="]),
     (dict(method="dicod", cls_teacher="good"), ["not an image classifier", "teacher="]),
     (dict(method="dicod", cls_teacher="missing"), ["was not found"]),
+    (dict(teacher="good", method="fitnet", adapter_init="zeros"), ["adapter_init='zeros'", "lstsq, random"]),
+    (dict(teacher="good", method="rmpfi", rm_scores="softmax"), ["rm_scores='softmax'", "logit, prob"]),
 ]
 
 

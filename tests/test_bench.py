@@ -22,6 +22,8 @@ def test_summary_pairs_by_seed_and_computes_gap_closed():
     assert rows["dfd"]["wins"] == 1 and rows["plain"]["wins"] == 0
     md = markdown(p, results, list(rows.values()))
     assert "| dfd | 0.3250 ± 0.0354 |" in md and "25.0 %" in md
+    # paired t = sqrt(2) * mean(0.15, 0) / std(0.15, 0) = sqrt(2) * 0.075 / 0.1061 = 1.0
+    assert rows["dfd"]["t"] == pytest.approx(1.0) and "| 1/2 | 1.0 | 25.0 % |" in md
     assert md.splitlines()[-3].endswith("| 1.0 | — |")  # dfd row: no overhead measured here
 
 

@@ -140,6 +140,26 @@ def test_kd_max_ratio_leaves_task_scaled_terms_alone():
     assert cap_ratio({"ld_cls": torch.tensor(50.0)}, torch.tensor(1.0), 0.25, frozenset({"ld_cls"}))["ld_cls"] == 50
 
 
+def test_kd_fade_schedule():
+    from yolokd.criterion import fade_factor
+
+    # 8 epochs, fade over the last half: full weight for epochs 1-4, then 3/4, 1/2, 1/4, 0 (hand-computed)
+    assert [fade_factor(e, 8, 0.5) for e in range(8)] == [1, 1, 1, 1, 0.75, 0.5, 0.25, 0]
+    assert [fade_factor(e, 4, 1.0) for e in range(4)] == [0.75, 0.5, 0.25, 0]  # fade over all of training
+    assert all(fade_factor(e, 8, 0.0) == 1 for e in range(8))  # 0 = constant (the papers')
+
+
+def test_kd_fade_scales_capped_terms_only():
+    from yolokd.criterion import cap_ratio
+
+    terms = {"dfd_hd": torch.tensor(3.0), "dfd_ld": torch.tensor(1.0), "ld_cls": torch.tensor(5.0)}
+    out = cap_ratio(terms, task=torch.tensor(8.0), max_ratio=0.25, exempt=frozenset({"ld_cls"}), weight=0.5)
+    assert out["ld_cls"] is terms["ld_cls"]  # exempt methods are never faded
+    assert out["dfd_hd"].item() == pytest.approx(0.75) and out["dfd_ld"].item() == pytest.approx(0.25)  # cap, then x 0.5
+    no_cap = cap_ratio({"a": torch.tensor(2.0)}, task=torch.tensor(1.0), max_ratio=0.0, weight=0.25)
+    assert no_cap["a"].item() == pytest.approx(0.5)  # the fade acts without the cap too
+
+
 def test_task_scaled_columns_come_from_ld_only():
     from yolokd.config import kd_defaults
     from yolokd.methods.base import MethodSet

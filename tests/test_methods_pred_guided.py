@@ -200,7 +200,7 @@ def rm_case():
 
 def rm(weight=4.0, loc_weight=1.0, tau=1.0):
     s, t, _ = rm_case()
-    return RankMimicking(s, t, weight=weight, loc_weight=loc_weight, loc_temperature=tau)
+    return RankMimicking(s, t, weight=weight, loc_weight=loc_weight, loc_temperature=tau, scores="logit")
 
 
 def test_rm_boxes_of_hand_case():
@@ -227,9 +227,26 @@ def test_rm_groups_are_per_image():
     s, t = feats([torch.zeros(2, 1, 2, 2)], zs), feats([torch.zeros(2, 1, 2, 2)], zt)
     fg = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0]])
     a = assignment(fg, torch.zeros(2, 4), [[0], [0]], [[[0, 0, 16, 16]], [[0, 0, 16, 16]]])
-    m = RankMimicking(s, t, weight=1.0, loc_weight=0.0, loc_temperature=1.0)
+    m = RankMimicking(s, t, weight=1.0, loc_weight=0.0, loc_temperature=1.0, scores="logit")
     expected = (kl(softmax([0, 1]), [0.5, 0.5]) + kl(softmax([0, 3]), [0.5, 0.5])) / 2
     assert torch.isclose(m(s, t, ctx(a, b=2))["cls"], torch.tensor(expected), rtol=1e-5)
+
+
+def test_rm_prob_scores_rank_sigmoid_probabilities():
+    # one GT, two positives; teacher logits (0, 0): probabilities (1/2, 1/2), a uniform rank either way;
+    # student logits (ln 3, 0): probabilities (3/4, 1/2). logit: softmax(ln 3, 0) = (3/4, 1/4); prob: softmax(3/4, 1/2)
+    zs, zt = torch.tensor([[[math.log(3.0), 0.0]]]), torch.zeros(1, 1, 2)
+    s, t = feats([torch.zeros(1, 1, 1, 2)], zs), feats([torch.zeros(1, 1, 1, 2)], zt)
+    a = assignment(torch.tensor([[1, 1]]), torch.zeros(1, 2), [[0]], [[[0, 0, 16, 16]]])
+
+    def cls_term(scores):
+        return RankMimicking(s, t, weight=1.0, loc_weight=0.0, loc_temperature=1.0, scores=scores)(s, t, ctx(a))["cls"]
+
+    assert torch.isclose(cls_term("logit"), torch.tensor(kl([0.5, 0.5], [0.75, 0.25])), rtol=1e-5)  # 0.1438
+    e = math.exp(0.25)
+    assert torch.isclose(cls_term("prob"), torch.tensor(kl([0.5, 0.5], [e / (e + 1), 1 / (e + 1)])), rtol=1e-5)  # 0.0078
+    with pytest.raises(Exception, match="rm_scores='z'"):
+        RankMimicking(s, t, weight=1.0, loc_weight=0.0, loc_temperature=1.0, scores="z")
 
 
 def test_group_log_softmax_matches_per_group_softmax():

@@ -153,3 +153,17 @@ def test_every_method_trains_a_yolo11_student(method, columns, teacher, tiny_dat
                     {"box_loss", "cls_loss", "dfl_loss", "kd_loss"})
     assert logged == sorted(columns)
     assert all(math.isfinite(row[f"train/{c}"]) for c in columns)
+
+
+def test_kd_fade_and_adapter_init_reach_the_loss(teacher, tiny_data, train_kwargs):
+    t = train("yolov8n.yaml", "fade", {**train_kwargs, "epochs": 2}, data=tiny_data, teacher=teacher,
+              method="fitnet+ld", kd_fade=0.5)
+    first, last = read_results(t.save_dir)
+    assert first["train/fitnet"] > 0 and last["train/fitnet"] == 0  # 2 epochs, fade 0.5: factors 1, 0
+    assert first["train/ld_cls"] > 0 and last["train/ld_cls"] > 0  # ld is task-scaled: never faded
+
+    fitted = train("yolov8n.yaml", "lstsq", train_kwargs, data=tiny_data, teacher=teacher, method="fitnet+ld",
+                   adapter_init="lstsq")
+    assert read_results(fitted.save_dir)[0]["train/fitnet"] < first["train/fitnet"]  # same data, fitted map
+    state = torch.load(fitted.wdir / KD_STATE, weights_only=True)["adapters"]
+    assert bool(state["adapters_fitted"])  # fitted on the first batch, saved so that a resume does not refit

@@ -20,3 +20,26 @@ def level_aligners(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> 
     if len(student) != len(teacher):
         raise ValueError(f"student has {len(student)} feature levels, teacher {len(teacher)}")
     return nn.ModuleList(aligner(s.shape[1], t.shape[1]) for s, t in zip(student, teacher))
+
+
+@torch.no_grad()
+def fit_aligner(align: nn.Module, student: torch.Tensor, teacher: torch.Tensor, ridge: float = 1.0) -> None:
+    """Set a 1x1 aligner to the ridge least-squares map from student to teacher features of one batch.
+
+    Every position of `student` (B, C_s, H, W) and `teacher` (B, C_t, H, W) is one sample: W, b minimise
+    sum ||X^t - (W X^s + b)||^2 + lambda ||W||^2, with lambda = `ridge` * mean eigenvalue of the centred Gram matrix.
+    A randomly initialised aligner makes the first few hundred steps of an imitation loss push the student towards a
+    random projection of the teacher; fitted, the residual it leaves is what the student's features cannot yet
+    express linearly, which is the signal an imitation loss is meant to carry. An `nn.Identity` is left alone.
+    """
+    if not isinstance(align, nn.Conv2d):
+        return
+    x = student.detach().double().permute(0, 2, 3, 1).reshape(-1, student.shape[1])
+    y = teacher.detach().double().permute(0, 2, 3, 1).reshape(-1, teacher.shape[1])
+    mx, my = x.mean(0), y.mean(0)
+    xc, yc = x - mx, y - my
+    gram = xc.T @ xc
+    lam = ridge * gram.diagonal().mean().clamp_min(1e-12)
+    w = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device), xc.T @ yc)
+    align.weight.copy_(w.T.reshape(align.weight.shape).to(align.weight.dtype))
+    align.bias.copy_((my - mx @ w).to(align.bias.dtype))

@@ -134,7 +134,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "crops": (cmd_crops, "cut GT objects of a detection set into a classification set (classifier teacher, dicod)"),
     "export": (cmd_export, "export a student (onnx, engine, ...) after a clean-student check; ONNX parity check"),
     "benchmark": (cmd_benchmark, "latency (PyTorch / ONNX Runtime / TensorRT) and mAP of models: CSV, Markdown, PNG"),
-    "bench": (cmd_bench, "accuracy gains: teacher, plain and distilled students over seeds (profile=cpu|demo|gpu)"),
+    "bench": (cmd_bench, "accuracy gains: teacher, plain and distilled students over seeds (profile=cpu|cpu8|demo|gpu)"),
     "overhead": (cmd_overhead, "time student step, teacher forward and each method's KD step (overhead ratio)"),
 }
 

@@ -16,21 +16,45 @@ from yolokd.methods.base import MethodSet, StepContext
 from yolokd.taps import Taps, _AssignmentRecorder, assigner_of, raw_forward
 
 
+def fade_factor(epoch: int, epochs: int, fade: float) -> float:
+    """`kd_fade`: 1 until the last `fade` share of the epochs, then falling linearly, epoch by epoch, to 0 in the last.
+
+    factor(e) = clip((E - 1 - e) / (fade * E), 0, 1) for the 0-based epoch e of E: with E = 8 and fade = 0.5 the
+    epochs 5..8 get 0.75, 0.5, 0.25, 0. `fade <= 0` gives 1 throughout (constant weights, as in the papers).
+    Early-stopped distillation (Cho & Hariharan, ICCV 2019, "On the efficacy of knowledge distillation"), made gradual.
+    """
+    if fade <= 0 or epochs <= 0:
+        return 1.0
+    return min(1.0, max(0.0, (epochs - 1 - epoch) / (fade * epochs)))
+
+
 def cap_ratio(terms: dict[str, torch.Tensor], task: torch.Tensor, max_ratio: float,
-              exempt: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
+              exempt: frozenset[str] = frozenset(), weight: float = 1.0) -> dict[str, torch.Tensor]:
     """Scale the terms by one detached factor so that their sum is at most `max_ratio * task` (never scaled up).
 
     A safety valve for loss scale: a paper's weights were tuned for other features (mmdet FPNs, 640 px, two-stage
     heads); with YOLO features the same weights can make the KD term many times the task loss, and the student
     ends worse than without a teacher. Terms named in `exempt` (methods normalised like the task loss itself,
-    `DistillMethod.task_scaled`) are neither counted nor scaled. `max_ratio <= 0` leaves the terms as they are.
+    `DistillMethod.task_scaled`) are neither counted nor scaled. `max_ratio <= 0` does not cap. The capped terms
+    are then multiplied by `weight` (the `kd_fade` schedule, `fade_factor`).
     """
     capped = [k for k in terms if k not in exempt]
-    if max_ratio <= 0 or not capped:
+    if not capped or (max_ratio <= 0 and weight == 1.0):
         return terms
-    kd = torch.stack([terms[k] for k in capped]).sum().detach()
-    scale = (max_ratio * task.detach() / kd.clamp_min(1e-12)).clamp(max=1.0)
-    return {k: v if k in exempt else v * scale for k, v in terms.items()}
+    scale = torch.tensor(1.0, device=task.device)
+    if max_ratio > 0:
+        kd = torch.stack([terms[k] for k in capped]).sum().detach()
+        scale = (max_ratio * task.detach() / kd.clamp_min(1e-12)).clamp(max=1.0)
+    return {k: v if k in exempt else v * (scale * weight) for k, v in terms.items()}
+
+
+def broadcast_from_rank0(module: nn.Module) -> None:
+    """Under DDP, give every rank rank 0's parameters and buffers (adapters fitted on each rank's own batch)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        for x in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(x.data, src=0)
 
 
 class DistillationLoss:
@@ -44,11 +68,12 @@ class DistillationLoss:
         methods: the methods to apply (owns the adapters); None trains a plain student.
         trainer: read for `epoch` / `epochs` only.
         max_ratio: `kd_max_ratio` (see `cap_ratio`).
+        fade: `kd_fade` (see `fade_factor`); like the cap, it acts on the terms of methods that are not `task_scaled`.
     """
 
     def __init__(self, task, student_taps: Taps, teacher: nn.Module | None, teacher_taps: Taps | None,
-                 methods: MethodSet | None, trainer=None, max_ratio: float = 0.0):
-        self.task, self.student_taps, self.max_ratio = task, student_taps, max_ratio
+                 methods: MethodSet | None, trainer=None, max_ratio: float = 0.0, fade: float = 0.0):
+        self.task, self.student_taps, self.max_ratio, self.fade = task, student_taps, max_ratio, fade
         self.teacher, self.teacher_taps, self.methods, self.trainer = teacher, teacher_taps, methods, trainer
         self.assignment = _AssignmentRecorder()
         self._assign_handle = assigner_of(task).register_forward_hook(self.assignment)
@@ -66,9 +91,11 @@ class DistillationLoss:
         ctx = StepContext(batch=batch, assign=self.assignment.last,
                           epoch=getattr(self.trainer, "epoch", 0), epochs=getattr(self.trainer, "epochs", 1))
         with torch.autocast(batch["img"].device.type, enabled=False):
+            if self.methods.fit_adapters(s.float(), None if t is None else t.float()):
+                broadcast_from_rank0(self.methods)
             terms = self.methods(s.float(), None if t is None else t.float(), ctx)
             terms = cap_ratio(terms, loss.detach().float().sum() / batch["img"].shape[0], self.max_ratio,
-                              self.methods.task_scaled_columns(terms))
+                              self.methods.task_scaled_columns(terms), fade_factor(ctx.epoch, ctx.epochs, self.fade))
         kd = torch.stack(list(terms.values())).sum()
         items = {**items, "kd_loss": kd.detach()}
         if len(terms) > 1:

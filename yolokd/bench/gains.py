@@ -11,6 +11,7 @@ interrupted one (a `weights/last.pt` but no result) is resumed. So re-running th
 
     yolokd bench                       # the CPU profile (see PROFILES)
     yolokd bench profile=demo          # the README's quick demo: teacher, plain and ld students, one seed
+    yolokd bench profile=cpu8          # the longer CPU profile: 8 student epochs, 3 seeds
     yolokd bench profile=gpu data=VOC.yaml device=0
 """
 
@@ -67,6 +68,11 @@ PROFILES = {
     # 2-core CPU, about 90 min: warm-started students, two runs at a time (one thread each).
     "cpu": Profile(seeds=(0, 1), epochs=4, teacher_epochs=20,
                    student_init_epochs=10, imgsz=160, jobs=2, student_args=SHORT_SCHEDULE),
+    # The longer CPU profile of docs/benchmarks.md: 8 student epochs, 3 seeds, about 2 h 15 min on 2 cores. Its own
+    # out folder (its runs share names with the cpu profile's); copy teacher/, student_init/ and cls_teacher/ in from
+    # a finished cpu profile to skip the first half hour.
+    "cpu8": Profile(seeds=(0, 1, 2), epochs=8, teacher_epochs=20, student_init_epochs=10, imgsz=160, jobs=2,
+                    student_args=SHORT_SCHEDULE, out="runs/bench-8ep"),
     # The README's main job: the cpu profile's teacher and warm start, then the plain and the ld student (its runs
     # are the cpu profile's, so `yolokd bench` afterwards reuses them).
     "demo": Profile(methods=("ld",), seeds=(0,), epochs=4, teacher_epochs=20, student_init_epochs=10, imgsz=160,
@@ -132,12 +138,25 @@ def run_all(p: Profile) -> dict:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        with ProcessPoolExecutor(p.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(p.jobs, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_exit_with_parent) as pool:
             futures = {name: pool.submit(train_run, name, *job) for name, job in jobs.items()}
             results.update({name: f.result() for name, f in futures.items()})
     else:
         results.update({name: train_run(name, *job) for name, job in jobs.items()})
     return results
+
+
+def _exit_with_parent() -> None:
+    """Pool initializer: on Linux a worker is killed with the bench process, so that a bench killed and started
+    again never has two processes training into one run folder. Elsewhere a no-op."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def cls_teacher_run(p: Profile) -> str:
@@ -179,8 +198,17 @@ def overhead_run(p: Profile, results: dict) -> dict[str, float]:
     return done
 
 
-def _mean_std(xs: list[float]) -> str:
-    return f"{statistics.mean(xs):.4f} ± {statistics.stdev(xs):.4f}" if len(xs) > 1 else f"{xs[0]:.4f}"
+def _mean_std(xs: list[float], sign: str = "") -> str:
+    """`mean ± std` with 4 decimals (`sign="+"`: the mean always signed, for gains)."""
+    mean = f"{statistics.mean(xs):{sign}.4f}"
+    return f"{mean} ± {statistics.stdev(xs):.4f}" if len(xs) > 1 else mean
+
+
+def paired_t(gains: list[float]) -> float:
+    """Mean paired gain over its standard error, sqrt(n) * mean / std (NaN below 2 seeds or with no spread)."""
+    if len(gains) < 2 or statistics.stdev(gains) == 0:
+        return math.nan
+    return math.sqrt(len(gains)) * statistics.mean(gains) / statistics.stdev(gains)
 
 
 def summarize(p: Profile, results: dict, overhead: dict[str, float] | None = None) -> list[dict]:
@@ -201,6 +229,7 @@ def summarize(p: Profile, results: dict, overhead: dict[str, float] | None = Non
             "gain": gains,
             "gap_closed": statistics.mean(gaps) if gaps else math.nan,
             "wins": sum(g > 0 for g in gains),
+            "t": paired_t(gains),
             "sec_per_epoch": statistics.mean(recs[s]["sec_per_epoch"] for s in p.seeds),
             "overhead": (overhead or {}).get(kind, math.nan),
         })
@@ -217,19 +246,21 @@ def markdown(p: Profile, results: dict, rows: list[dict]) -> str:
         + f"Students {p.student_model}, {p.epochs} epochs, imgsz {p.imgsz}, batch {p.batch}, data {p.data}, "
         f"seeds {list(p.seeds)}, device {p.device}"
         + "".join(f", {k}={v}" for k, v in {**p.student_args, **p.train_args}.items()) + ".\n\n"
-        "| student | mAP50-95 | mAP50 | gain vs plain (paired) | wins | gap closed | s/epoch | KD step overhead |\n"
-        "|---|---|---|---|---|---|---|---|\n"
+        "| student | mAP50-95 | mAP50 | gain vs plain (paired) | wins | paired t | gap closed | s/epoch | KD step overhead |\n"
+        "|---|---|---|---|---|---|---|---|---|\n"
     )
     body = ""
     for r in rows:
         base = r["student"] == "plain"
-        gain = "—" if base else _mean_std(r["gain"])
+        gain = "—" if base else _mean_std(r["gain"], "+")
         wins = "—" if base else f"{r['wins']}/{len(p.seeds)}"
+        t = "—" if base or math.isnan(r.get("t", math.nan)) else f"{r['t']:.1f}"
         gap = "—" if base or math.isnan(r["gap_closed"]) else f"{100 * r['gap_closed']:.1f} %"
         over = "—" if math.isnan(r.get("overhead", math.nan)) else f"{r['overhead']:.2f}"
-        body += (f"| {r['student']} | {_mean_std(r['map50_95'])} | {_mean_std(r['map50'])} | {gain} | {wins} | "
+        body += (f"| {r['student']} | {_mean_std(r['map50_95'])} | {_mean_std(r['map50'])} | {gain} | {wins} | {t} | "
                  f"{gap} | {r['sec_per_epoch']:.1f} | {over} |\n")
-    foot = ("\ns/epoch: wall time per training epoch, with the profile's `jobs` runs sharing the machine. KD step overhead: "
+    foot = ("\npaired t: mean paired gain / its standard error over the seeds (with 3 seeds, t > 2.92 is one-sided "
+            "p < 0.05; with 2, t > 6.31). s/epoch: wall time per training epoch, with the profile's `jobs` runs sharing the machine. KD step overhead: "
             "one distillation step / (student step + teacher forward), `yolokd overhead` on the same models "
             "(1.00 = the KD terms cost nothing beyond running both models).\n")
     return head + body + foot

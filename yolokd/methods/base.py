@@ -24,10 +24,12 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from yolokd.adapters import fit_aligner
 from yolokd.config import DistillationConfigError, closest, method_hparams
 from yolokd.taps import Assignment, Features
 
 _REGISTRY: dict[str, type[DistillMethod]] = {}
+ADAPTER_INITS = ("lstsq", "random")  # `adapter_init=`: see MethodSet.fit_adapters
 
 
 @dataclass
@@ -54,11 +56,22 @@ class DistillMethod(nn.Module):
     needs_teacher: ClassVar[bool] = True
     uses_args: ClassVar[tuple[str, ...]] = ()  # top-level train arguments it takes as keywords (e.g. cls_teacher)
     task_scaled: ClassVar[bool] = False  # True: terms normalised like Ultralytics' own losses; kd_max_ratio skips them
+    aligned: ClassVar[dict[str, str]] = {}  # {aligner ModuleList attribute: Features field it maps}, for fit_adapters
 
     @classmethod
     def check_inputs(cls, args: dict, data: dict | None) -> None:
         """Pre-flight check of the method's own inputs (train arguments, dataset dict), before any run folder
         exists; raise `DistillationConfigError` naming the problem and the fix. Default: nothing to check."""
+
+    def fit_adapters(self, s: Features, t: Features) -> None:
+        """Least-squares initialisation of the method's 1x1 aligners (`aligned`), and of those of the methods it
+        holds (rmpfi), on one batch (see `fit_aligner`)."""
+        for attr, field in self.aligned.items():
+            for align, xs, xt in zip(getattr(self, attr), getattr(s, field), getattr(t, field)):
+                fit_aligner(align, xs.float(), xt.float())
+        for child in self.children():
+            if isinstance(child, DistillMethod):
+                child.fit_adapters(s, t)
 
     def forward(self, s: Features, t: Features | None, ctx: StepContext) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -118,6 +131,20 @@ class MethodSet(nn.Module):
         self.methods = nn.ModuleDict(
             {n: _build(get_method(n), student, teacher, args) for n in names}
         )
+        init = str(getattr(args, "adapter_init", "random") or "").lower()
+        if init not in ADAPTER_INITS:
+            raise DistillationConfigError(f"adapter_init='{init}' is not one of: {', '.join(ADAPTER_INITS)}")
+        # saved with the adapters (kd_state.pt), so a resumed run does not fit them again
+        self.register_buffer("adapters_fitted", torch.tensor(init == "random"))
+
+    def fit_adapters(self, s: Features, t: Features | None) -> bool:
+        """On the first training batch only (`adapter_init=lstsq`): fit every method's aligners to it. True if it did."""
+        if bool(self.adapters_fitted) or t is None:
+            return False
+        for m in self.methods.values():
+            m.fit_adapters(s, t)
+        self.adapters_fitted.fill_(True)
+        return True
 
     @property
     def taps(self) -> set[str]:

@@ -63,6 +63,7 @@ def transformation(c_in: int, c_out: int, hidden_cap: int = 0) -> nn.Sequential:
 class DFD(DistillMethod):
     name = "dfd"
     summary = "DFD: MSE on low-disparity regions, MSE through a learnable transform on high-disparity ones (neck)"
+    aligned = {"align": "neck"}
 
     def __init__(self, student: Features, teacher: Features, *, alpha: float, beta: float, ref_area: int, hidden_cap: int):
         super().__init__()

@@ -18,6 +18,7 @@ from yolokd.taps import Features
 class FitNet(DistillMethod):
     name = "fitnet"
     summary = "FitNets: plain MSE between teacher neck features and 1x1-adapted student neck features"
+    aligned = {"align": "neck"}
 
     def __init__(self, student: Features, teacher: Features, *, weight: float):
         super().__init__()

@@ -54,6 +54,7 @@ def pdf_weights(d: torch.Tensor) -> torch.Tensor:
 class PDFDistil(DistillMethod):
     name = "pdf"
     summary = "PDF-Distil: neck imitation weighted per position by the teacher-student class disagreement"
+    aligned = {"align": "neck"}
 
     def __init__(self, student: Features, teacher: Features, *, weight: float, disagreement: str):
         super().__init__()

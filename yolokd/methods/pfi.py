@@ -41,6 +41,7 @@ def prediction_gap(z_s: torch.Tensor, z_t: torch.Tensor) -> torch.Tensor:
 class PFI(DistillMethod):
     name = "pfi"
     summary = "PFI: neck imitation weighted by the teacher-student class-probability gap (normalised, no grad)"
+    aligned = {"align": "neck"}
 
     def __init__(self, student: Features, teacher: Features, *, weight: float, faithful: bool):
         super().__init__()
