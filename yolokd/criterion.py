@@ -41,7 +41,7 @@ def cap_ratio(terms: dict[str, torch.Tensor], task: torch.Tensor, max_ratio: flo
     capped = [k for k in terms if k not in exempt]
     if not capped or (max_ratio <= 0 and weight == 1.0):
         return terms
-    scale = torch.tensor(1.0, device=task.device)
+    scale = 1.0
     if max_ratio > 0:
         kd = torch.stack([terms[k] for k in capped]).sum().detach()
         scale = (max_ratio * task.detach() / kd.clamp_min(1e-12)).clamp(max=1.0)
@@ -90,10 +90,11 @@ class DistillationLoss:
                 t = self.teacher_taps.collect(raw_forward(self.teacher, batch["img"]))
         ctx = StepContext(batch=batch, assign=self.assignment.last,
                           epoch=getattr(self.trainer, "epoch", 0), epochs=getattr(self.trainer, "epochs", 1))
+        s, t = s.float(), None if t is None else t.float()  # one fp32 copy per step, shared by the fit and the terms
         with torch.autocast(batch["img"].device.type, enabled=False):
-            if self.methods.fit_adapters(s.float(), None if t is None else t.float()):
+            if self.methods.fit_adapters(s, t):
                 broadcast_from_rank0(self.methods)
-            terms = self.methods(s.float(), None if t is None else t.float(), ctx)
+            terms = self.methods(s, t, ctx)
             terms = cap_ratio(terms, loss.detach().float().sum() / batch["img"].shape[0], self.max_ratio,
                               self.methods.task_scaled_columns(terms), fade_factor(ctx.epoch, ctx.epochs, self.fade))
         kd = torch.stack(list(terms.values())).sum()

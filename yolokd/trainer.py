@@ -39,7 +39,7 @@ from yolokd.checks import (
 from yolokd.config import full_defaults, split_kd_args
 from yolokd.criterion import DistillationLoss
 from yolokd.data.synthetic import resolve_data
-from yolokd.methods.base import ADAPTER_INITS, MethodSet, get_method, parse_methods
+from yolokd.methods.base import MethodSet, check_adapter_init, get_method, parse_methods
 from yolokd.taps import Taps, strip_taps
 
 DEFAULT_METHOD = "ld"  # the method that beat the plain student in docs/benchmarks.md
@@ -97,12 +97,7 @@ class DistillationTrainer(DetectionTrainer):
             )
         if not names:
             return None
-        init = str(kd.get("adapter_init", "random") or "").lower()
-        if init not in ADAPTER_INITS:
-            raise DistillationConfigError(
-                f"adapter_init='{kd.get('adapter_init')}' is not one of: {', '.join(ADAPTER_INITS)} "
-                "(lstsq fits the 1x1 aligners to the first batch; random keeps PyTorch's initialisation)."
-            )
+        check_adapter_init(kd.get("adapter_init", "random"))
         data = check_det_dataset(overrides["data"]) if overrides.get("data") else None
         for n in names:
             get_method(n).check_inputs(overrides, data)

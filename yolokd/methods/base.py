@@ -32,6 +32,17 @@ _REGISTRY: dict[str, type[DistillMethod]] = {}
 ADAPTER_INITS = ("lstsq", "random")  # `adapter_init=`: see MethodSet.fit_adapters
 
 
+def check_adapter_init(value) -> str:
+    """The `adapter_init` train argument, lower-cased, or a clear error naming the choices."""
+    init = str(value or "").lower()
+    if init not in ADAPTER_INITS:
+        raise DistillationConfigError(
+            f"adapter_init='{value}' is not one of: {', '.join(ADAPTER_INITS)} "
+            "(lstsq fits the 1x1 aligners to the first batch; random keeps PyTorch's initialisation)."
+        )
+    return init
+
+
 @dataclass
 class StepContext:
     """Read-only facts about the current step that are not features of either model."""
@@ -131,19 +142,21 @@ class MethodSet(nn.Module):
         self.methods = nn.ModuleDict(
             {n: _build(get_method(n), student, teacher, args) for n in names}
         )
-        init = str(getattr(args, "adapter_init", "random") or "").lower()
-        if init not in ADAPTER_INITS:
-            raise DistillationConfigError(f"adapter_init='{init}' is not one of: {', '.join(ADAPTER_INITS)}")
+        init = check_adapter_init(getattr(args, "adapter_init", "random"))
         # saved with the adapters (kd_state.pt), so a resumed run does not fit them again
         self.register_buffer("adapters_fitted", torch.tensor(init == "random"))
+        self._fitted: bool | None = None  # the buffer as a Python bool, read at the first step (no device sync after)
 
     def fit_adapters(self, s: Features, t: Features | None) -> bool:
         """On the first training batch only (`adapter_init=lstsq`): fit every method's aligners to it. True if it did."""
-        if bool(self.adapters_fitted) or t is None:
+        if self._fitted is None:  # first step: after a resume has loaded the buffer
+            self._fitted = bool(self.adapters_fitted)
+        if self._fitted or t is None:
             return False
         for m in self.methods.values():
             m.fit_adapters(s, t)
         self.adapters_fitted.fill_(True)
+        self._fitted = True
         return True
 
     @property

@@ -65,8 +65,8 @@ class RankMimicking(DistillMethod):
     @classmethod
     def check_inputs(cls, args: dict, data: dict | None) -> None:
         """`rm_scores` must name a score space (before any run folder exists)."""
-        scores = args.get("rm_scores", "logit")
-        if scores not in SCORES:
+        scores = args.get("rm_scores")  # None: the YAML default
+        if scores is not None and scores not in SCORES:
             raise DistillationConfigError(f"rm_scores='{scores}' is not one of: {', '.join(SCORES)}")
 
     def __init__(self, student: Features, teacher: Features, *, weight: float, loc_weight: float,
