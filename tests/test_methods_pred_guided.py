@@ -125,7 +125,8 @@ def test_pdf_rejects_unknown_disagreement():
 
 # ------------------------------------------------------------------------------------------------ PFI
 @pytest.mark.parametrize("faithful", [False, True])
-def test_pfi_hand_value(faithful):
+@pytest.mark.parametrize("detach", [False, True])  # the gradient path changes, the value does not
+def test_pfi_hand_value(faithful, detach):
     # P_dif = (0.01, 0.04 | 0.09), F_dif = (1, 9 | 4).
     zs = torch.zeros(1, 1, 3)
     zt = logit(0.6, 0.7, 0.8)[None, None]
@@ -136,7 +137,7 @@ def test_pfi_hand_value(faithful):
     else:  # w = P_dif / mean(P_dif) over all 3 positions
         w = [p / (0.14 / 3) for p in (0.01, 0.04, 0.09)]
         expected = (w[0] * 1 + w[1] * 9) / 2 / 2 + w[2] * 4 / 2
-    m = PFI(s, t, weight=1.5, faithful=faithful)
+    m = PFI(s, t, weight=1.5, faithful=faithful, detach=detach)
     assert torch.isclose(m(s, t, ctx())["loss"], torch.tensor(1.5 * expected), rtol=1e-5)
 
 
@@ -146,7 +147,7 @@ def test_pfi_normalisation_is_global_over_the_batch():
     torch.manual_seed(0)
     zs, zt = torch.randn(1, 3, 20), torch.randn(1, 3, 20)
     ns, nt = [torch.randn(1, 2, 4, 4), torch.randn(1, 2, 2, 2)], [torch.randn(1, 2, 4, 4), torch.randn(1, 2, 2, 2)]
-    one = PFI(feats(ns, zs), feats(nt, zt), weight=1.5, faithful=False)
+    one = PFI(feats(ns, zs), feats(nt, zt), weight=1.5, faithful=False, detach=False)
     two = lambda x, y: [torch.cat([a, b]) for a, b in zip(x, y)]
     s2 = feats(two(ns, [torch.randn_like(x) for x in ns]), torch.cat([zs, zt]))
     t2 = feats(two(nt, [torch.randn_like(x) for x in nt]), torch.cat([zt, zt]))
@@ -154,18 +155,33 @@ def test_pfi_normalisation_is_global_over_the_batch():
     assert torch.isclose(one(s2, t2, ctx(b=2))["loss"], l1)
 
 
-def test_pfi_zero_when_predictions_agree_and_no_logit_gradient():
+def test_pfi_zero_when_predictions_agree_and_detached_gap_gives_no_logit_gradient():
     torch.manual_seed(0)
     z = torch.randn(2, 3, 20)
     zs = z.clone().requires_grad_(True)
     s = feats([torch.randn(2, 3, 4, 4, requires_grad=True), torch.randn(2, 3, 2, 2)], zs)
     t = feats([torch.randn(2, 5, 4, 4), torch.randn(2, 5, 2, 2)], z)
     for faithful in (False, True):
-        assert PFI(s, t, weight=1.5, faithful=faithful)(s, t, ctx(b=2))["loss"] == 0
+        for detach in (False, True):
+            assert PFI(s, t, weight=1.5, faithful=faithful, detach=detach)(s, t, ctx(b=2))["loss"] == 0
     t = feats(t.neck, torch.randn(2, 3, 20))
-    loss = PFI(s, t, weight=1.5, faithful=False)(s, t, ctx(b=2))["loss"]
+    loss = PFI(s, t, weight=1.5, faithful=False, detach=True)(s, t, ctx(b=2))["loss"]
     g_z, g_x = torch.autograd.grad(loss, [zs, s.neck[0]], allow_unused=True)
     assert g_z is None and g_x.abs().sum() > 0 and loss > 0
+
+
+def test_pfi_undetached_gap_trains_the_logits_by_hand():
+    # One level of 1x2 positions, nc = 2, F_dif = (1, 9). With `detach=False`, dL/dz_s[c, a] =
+    # beta * F_dif[a] / (HW * mean P_dif) * (2 / nc) * (p_s - p_t) * p_s * (1 - p_s), the normaliser held constant.
+    zs = torch.zeros(1, 2, 2, requires_grad=True)  # p_s = 0.5 everywhere
+    zt = torch.stack([logit(0.6, 0.9), logit(0.7, 0.5)])[None]
+    s = feats([torch.zeros(1, 1, 1, 2)], zs)
+    t = feats([torch.tensor([[[[1.0, 3.0]]]])], zt)
+    (g_z,) = torch.autograd.grad(PFI(s, t, weight=1.5, faithful=False, detach=False)(s, t, ctx())["loss"], [zs])
+    pt = torch.tensor([[0.6, 0.9], [0.7, 0.5]])
+    mean_gap = ((0.5 - pt) ** 2).mean(0).mean()
+    expected = 1.5 * torch.tensor([1.0, 9.0]) / (2 * mean_gap) * (2 / 2) * (0.5 - pt) * 0.25
+    assert torch.allclose(g_z[0], expected, rtol=1e-5)
 
 
 def test_pfi_weights_average_one_over_batch_and_levels():
@@ -175,7 +191,7 @@ def test_pfi_weights_average_one_over_batch_and_levels():
     # with F_dif = 1 everywhere on a single level, the normalised loss is exactly the weight's mean: beta
     s = feats([torch.zeros(2, 1, 4, 5)], torch.randn(2, 3, 20))
     t = feats([torch.ones(2, 1, 4, 5)], torch.randn(2, 3, 20))
-    assert torch.isclose(PFI(s, t, weight=1.5, faithful=False)(s, t, ctx(b=2))["loss"], torch.tensor(1.5))
+    assert torch.isclose(PFI(s, t, weight=1.5, faithful=False, detach=False)(s, t, ctx(b=2))["loss"], torch.tensor(1.5))
 
 
 # ------------------------------------------------------------------------------------------------ Rank Mimicking
@@ -345,8 +361,10 @@ def test_contract(name, reg_max):
     assert all(v.ndim == 0 and torch.isfinite(v) for v in terms.values()) and loss > 0
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
-    if name in ("rm", "rmpfi"):  # rank terms train the student's logits and boxes
-        assert s.scores.grad.abs().sum() > 0 and s.boxes.grad.abs().sum() > 0
+    if name in ("rm", "pfi", "rmpfi"):  # rank terms and PFI's prediction gap (pfi_detach=false) train the logits
+        assert s.scores.grad.abs().sum() > 0
+    if name in ("rm", "rmpfi"):  # the IoU rank trains the boxes
+        assert s.boxes.grad.abs().sum() > 0
     if name != "rm":  # neck terms train the student's neck (through the adapters)
         assert all(x.grad.abs().sum() > 0 for x in s.neck)
     assert all(x.grad is None for x in [*t.neck, t.scores, t.boxes])

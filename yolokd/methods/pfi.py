@@ -9,14 +9,16 @@ No code was released by the authors.
 
 YOLO adaptation (METHODS.md section 2), the default (`faithful: false`):
 - F = the Detect inputs P3..P5; F_stu passes through a 1x1 adapter (identity when widths match);
-- P = sigmoid of the class logits at the same anchors; P_dif is DETACHED: the paper calls it a weight, and a
-  gradient through it would push the student's classifier towards the teacher's wherever features differ;
-- w = P_dif / mean(P_dif), the mean over the batch and every anchor of every level (clamped at 1e-12). Raw
-  probability-space P_dif is ~1e-4, which would leave beta = 1.5 inert; one global mean keeps the contrast between
-  levels and images (unlike PDF-Distil's per-map normalisation) and makes w average 1;
+- P = sigmoid of the class logits at the same anchors. Eq. 9 is a loss in both factors, so P_dif keeps its
+  gradient (`detach: false`, as in MMRazor's unofficial pgfi.py): where the features differ, the student's class
+  probabilities are pulled towards the teacher's, dL/dP_s ~ 2 (P_s - P_t) F_dif / C. `detach: true` makes P_dif a
+  weight only (METHODS.md's reading); on the 8-epoch CPU profile that left PFI within seed noise (+0.001 over 7
+  seeds) and the gradient through P_dif gives +0.021 (docs/benchmarks.md);
+- w = P_dif / mean(P_dif), the mean (held constant, no gradient) over the batch and every anchor of every level
+  (clamped at 1e-12). Raw probability-space P_dif is ~1e-4, which would leave beta = 1.5 inert; one global mean
+  keeps the contrast between levels and images (unlike PDF-Distil's per-map normalisation) and makes w average 1;
 - L = mean_l mean_{b,hw}(w * F_dif): no second square (MMRazor's unofficial pgfi.py does the same).
-`faithful: true` keeps Eq. 9 as written: w = P_dif (no normalisation) and the squared product (P_dif * F_dif)^2,
-P_dif still detached.
+`faithful: true` keeps Eq. 9 as written: w = P_dif (no normalisation) and the squared product (P_dif * F_dif)^2.
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ from yolokd.taps import Features
 EPS = 1e-12
 
 
-@torch.no_grad()
 def prediction_gap(z_s: torch.Tensor, z_t: torch.Tensor) -> torch.Tensor:
     """Eq. 7: (B, nc, A) logits -> (B, A) mean over classes of the squared probability difference."""
     return (z_s.float().sigmoid() - z_t.float().sigmoid()).pow(2).mean(1)
@@ -40,18 +41,19 @@ def prediction_gap(z_s: torch.Tensor, z_t: torch.Tensor) -> torch.Tensor:
 @register
 class PFI(DistillMethod):
     name = "pfi"
-    summary = "PFI: neck imitation weighted by the teacher-student class-probability gap (normalised, no grad)"
+    summary = "PFI: neck imitation weighted by the teacher-student class-probability gap, which it also shrinks"
     aligned = {"align": "neck"}
 
-    def __init__(self, student: Features, teacher: Features, *, weight: float, faithful: bool):
+    def __init__(self, student: Features, teacher: Features, *, weight: float, faithful: bool, detach: bool):
         super().__init__()
-        self.weight, self.faithful = weight, bool(faithful)
+        self.weight, self.faithful, self.detach = weight, bool(faithful), bool(detach)
         self.align = level_aligners(student.neck, teacher.neck)
 
     def forward(self, s: Features, t: Features, ctx: StepContext) -> dict[str, torch.Tensor]:
         s, t = prepare(s, t)
-        p_dif = prediction_gap(s.scores, t.scores)
-        w = p_dif if self.faithful else p_dif / p_dif.mean().clamp_min(EPS)
+        p_dif = prediction_gap(s.scores.detach() if self.detach else s.scores, t.scores)
+        scale = p_dif.detach().mean().clamp_min(EPS)
+        w = p_dif if self.faithful else p_dif / scale
         gaps = feature_gaps(self.align, s.neck, t.neck)
         power = 2 if self.faithful else 1
         return {"loss": self.weight * level_mean([(wl * g).pow(power) for wl, g in zip(split_levels(w, s.neck), gaps)])}

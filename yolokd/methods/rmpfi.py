@@ -20,18 +20,20 @@ from yolokd.taps import Features
 class RMPFI(DistillMethod):
     name = "rmpfi"
     summary = "Rank Mimicking + PFI, the paper's full recipe (takes the rm_* and pfi_* arguments)"
-    uses_args = ("rm_weight", "rm_loc_weight", "rm_loc_temperature", "rm_scores", "pfi_weight", "pfi_faithful")
+    uses_args = ("rm_weight", "rm_loc_weight", "rm_loc_temperature", "rm_scores", "pfi_weight", "pfi_faithful",
+                 "pfi_detach")
 
     @classmethod
     def check_inputs(cls, args: dict, data: dict | None) -> None:
         RankMimicking.check_inputs(args, data)
 
     def __init__(self, student: Features, teacher: Features, *, rm_weight: float, rm_loc_weight: float,
-                 rm_loc_temperature: float, rm_scores: str, pfi_weight: float, pfi_faithful: bool):
+                 rm_loc_temperature: float, rm_scores: str, pfi_weight: float, pfi_faithful: bool,
+                 pfi_detach: bool):
         super().__init__()
         self.rm = RankMimicking(student, teacher, weight=rm_weight, loc_weight=rm_loc_weight,
                                 loc_temperature=rm_loc_temperature, scores=rm_scores)
-        self.pfi = PFI(student, teacher, weight=pfi_weight, faithful=pfi_faithful)
+        self.pfi = PFI(student, teacher, weight=pfi_weight, faithful=pfi_faithful, detach=pfi_detach)
 
     def forward(self, s: Features, t: Features, ctx: StepContext) -> dict[str, torch.Tensor]:
         return {**self.rm(s, t, ctx), "pfi": self.pfi(s, t, ctx)["loss"]}
