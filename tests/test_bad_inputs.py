@@ -64,6 +64,8 @@ CASES = [  # (extra arguments, words the error must contain)
     (dict(method="dicod", cls_teacher="missing"), ["was not found"]),
     (dict(teacher="good", method="fitnet", adapter_init="zeros"), ["adapter_init='zeros'", "lstsq, random"]),
     (dict(teacher="good", method="rmpfi", rm_scores="softmax"), ["rm_scores='softmax'", "logit, prob"]),
+    (dict(teacher="good", method="pfi", pfi_detach="maybe"), ["pfi_detach='maybe'", "true or false"]),
+    (dict(teacher="good", method="dfd", dfd_alpha="big"), ["dfd_alpha='big'", "a number"]),
 ]
 
 

@@ -79,6 +79,24 @@ def split_kd_args(args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]
     return {k: v for k, v in args.items() if k not in kd_keys}, {k: v for k, v in args.items() if k in kd_keys}
 
 
+def check_kd_types(kd: dict[str, Any]) -> None:
+    """Each yolokd argument given must have its default's kind: true/false for a switch, a number for a weight.
+
+    Ultralytics checks the types of its own keys only; without this, `pfi_detach=maybe` would read as true.
+    """
+    defaults = kd_defaults()
+    for key, value in kd.items():
+        default = defaults.get(key)
+        if isinstance(default, bool):
+            ok, kind = isinstance(value, bool), "true or false"
+        elif isinstance(default, (int, float)):
+            ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        else:
+            continue
+        if not ok:
+            raise DistillationConfigError(f"{key}={value!r} must be {kind} (default: {default}).")
+
+
 def method_hparams(method: str, args: dict[str, Any] | Any) -> dict[str, Any]:
     """The un-prefixed hyper-parameters of `method` read from train arguments (dict or namespace)."""
     get = args.get if isinstance(args, dict) else lambda k, d: getattr(args, k, d)

@@ -36,7 +36,7 @@ from yolokd.checks import (
     freeze,
     load_detector,
 )
-from yolokd.config import full_defaults, split_kd_args
+from yolokd.config import check_kd_types, full_defaults, split_kd_args
 from yolokd.criterion import DistillationLoss
 from yolokd.data.synthetic import resolve_data
 from yolokd.methods.base import MethodSet, check_adapter_init, get_method, parse_methods
@@ -88,6 +88,7 @@ class DistillationTrainer(DetectionTrainer):
     def _check_inputs(self, overrides: dict) -> tuple | None:
         """Every check that can fail, before Ultralytics creates the run folder. Returns (teacher, data) or None."""
         _, kd = split_kd_args(overrides)
+        check_kd_types(kd)
         teacher_spec = kd.get("teacher")
         names = resolve_method_names(kd.get("method"), teacher_spec)
         if teacher_spec and overrides.get("distill_model"):
