@@ -13,7 +13,7 @@ YOLO adaptation (METHODS.md section 2), the default (`faithful: false`):
   gradient (`detach: false`, as in MMRazor's unofficial pgfi.py): where the features differ, the student's class
   probabilities are pulled towards the teacher's, dL/dP_s ~ 2 (P_s - P_t) F_dif / C. `detach: true` makes P_dif a
   weight only (METHODS.md's reading); on the 8-epoch CPU profile that left PFI within seed noise (+0.001 over 7
-  seeds) and the gradient through P_dif gives +0.021 (docs/benchmarks.md);
+  seeds) and the gradient through P_dif gives +0.022 (docs/benchmarks.md);
 - w = P_dif / mean(P_dif), the mean (held constant, no gradient) over the batch and every anchor of every level
   (clamped at 1e-12). Raw probability-space P_dif is ~1e-4, which would leave beta = 1.5 inert; one global mean
   keeps the contrast between levels and images (unlike PDF-Distil's per-map normalisation) and makes w average 1;
