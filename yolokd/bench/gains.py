@@ -260,7 +260,8 @@ def markdown(p: Profile, results: dict, rows: list[dict]) -> str:
         body += (f"| {r['student']} | {_mean_std(r['map50_95'])} | {_mean_std(r['map50'])} | {gain} | {wins} | {t} | "
                  f"{gap} | {r['sec_per_epoch']:.1f} | {over} |\n")
     foot = ("\npaired t: mean paired gain / its standard error over the seeds (one-sided p < 0.05 needs t > 6.31 "
-            "with 2 seeds, 2.92 with 3, 2.13 with 5). s/epoch: wall time per training epoch, with the profile's `jobs` runs sharing the machine. KD step overhead: "
+            "with 2 seeds, 2.92 with 3, 2.13 with 5). s/epoch: wall time per training epoch, with the profile's "
+            "`jobs` runs sharing the machine. KD step overhead: "
             "one distillation step / (student step + teacher forward), `yolokd overhead` on the same models "
             "(1.00 = the KD terms cost nothing beyond running both models).\n")
     return head + body + foot

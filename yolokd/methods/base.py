@@ -79,7 +79,7 @@ class DistillMethod(nn.Module):
         holds (rmpfi), on one batch (see `fit_aligner`)."""
         for attr, field in self.aligned.items():
             for align, xs, xt in zip(getattr(self, attr), getattr(s, field), getattr(t, field)):
-                fit_aligner(align, xs.float(), xt.float())
+                fit_aligner(align, xs, xt)  # it solves in float64 whatever the features' dtype
         for child in self.children():
             if isinstance(child, DistillMethod):
                 child.fit_adapters(s, t)
