@@ -108,3 +108,41 @@ def test_random_init_never_fits_and_resume_does_not_refit():
 def test_unknown_adapter_init_is_refused():
     with pytest.raises(DistillationConfigError, match="adapter_init='ones'.*lstsq, random"):
         method_set(["fitnet"], init="ones")
+
+
+# ---------------------------------------------------------------- `<method>_projector=branch`
+def test_branch_projector_shape_and_layers():
+    """The PDF-Distil authors' projection: 3x3 conv + BN + SiLU, then a 1x1 conv; present even at equal widths."""
+    for c_s, c_t in [(6, 10), (6, 6)]:
+        p = aligner(c_s, c_t, "branch")
+        convs = [m for m in p.modules() if isinstance(m, torch.nn.Conv2d)]
+        assert [c.kernel_size for c in convs] == [(3, 3), (1, 1)]
+        assert any(isinstance(m, torch.nn.BatchNorm2d) for m in p.modules())
+        assert p(torch.randn(2, c_s, 5, 5)).shape == (2, c_t, 5, 5)  # same grid: the 3x3 conv is padded
+
+
+def test_branch_projector_is_not_linear_and_not_fitted():
+    p = aligner(6, 10, "branch").eval()
+    x = torch.randn(1, 6, 4, 4)
+    assert not torch.allclose(p(2 * x) - p(torch.zeros_like(x)), 2 * (p(x) - p(torch.zeros_like(x))), atol=1e-4)
+    before = [q.detach().clone() for q in p.parameters()]
+    s, t, _, _ = linear_pair()
+    fit_aligner(p, s, t)  # least squares needs a 1x1 conv: a branch is left as it is
+    assert all(torch.equal(a, b) for a, b in zip(before, p.parameters()))
+
+
+@pytest.mark.parametrize("method", ["fitnet", "pdf"])
+def test_projector_option_builds_branches(method):
+    s, t, _ = random_case(16)
+    args = {**kd_defaults(), f"{method}_projector": "branch"}
+    ms = MethodSet([method], s, t, type("Args", (), args))
+    assert all(isinstance(a, torch.nn.Sequential) for a in ms.methods[method].align)
+    loss = ms.methods[method](s, t, None if method == "fitnet" else random_case(16)[2])["loss"]
+    loss.backward()
+    assert all(q.grad is not None for q in ms.methods[method].align.parameters())
+
+
+def test_unknown_projector_is_refused():
+    s, t, _ = random_case(16)
+    with pytest.raises(DistillationConfigError, match="pdf_projector='mlp' is not one of conv, branch"):
+        MethodSet(["pdf"], s, t, type("Args", (), {**kd_defaults(), "pdf_projector": "mlp"}))

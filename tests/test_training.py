@@ -67,7 +67,8 @@ def test_dfd_v8_student_is_a_plain_ultralytics_checkpoint(teacher, tiny_data, tr
 
 
 def test_teacher_frozen_and_outside_the_student(teacher, tiny_data, train_kwargs):
-    t = train("yolov8n.yaml", "fitnet", train_kwargs, data=tiny_data, teacher=teacher, method="fitnet")
+    t = train("yolov8n.yaml", "fitnet", train_kwargs, data=tiny_data, teacher=teacher, method="fitnet",
+              fitnet_projector="branch")
     check_kd_columns(t.save_dir)
     assert not any(p.requires_grad for p in t.teacher.parameters())
     assert not t.teacher.training
@@ -76,6 +77,9 @@ def test_teacher_frozen_and_outside_the_student(teacher, tiny_data, train_kwargs
     optimised = {id(p) for g in t.optimizer.param_groups for p in g["params"]}
     assert {id(p) for p in t.kd_methods.parameters()} <= optimised  # adapters are trained ...
     assert not optimised & {id(p) for p in t.teacher.parameters()}  # ... the teacher is not
+    no_decay = {id(p) for g in t.optimizer.param_groups if g["param_group"] == "bn" for p in g["params"]}
+    bn_weights = [m.weight for m in t.kd_methods.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bn_weights and {id(p) for p in bn_weights} <= no_decay  # a branch projector's BN: no weight decay
 
 
 def test_resume_restores_adapters_and_continues(teacher, tiny_data, train_kwargs):

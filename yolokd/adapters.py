@@ -8,18 +8,29 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from ultralytics.nn.modules import Conv
+
+# `<method>_projector=` of the methods that take one: "conv" is the 1x1 map below; "branch" is the student-side
+# projection of the PDF-Distil authors' code (zhanghengdev/MutualGuide, models/detector.py `dist_layers`): a 3x3
+# conv + BN + activation, then a 1x1 conv, always present (also when the widths match) and dropped at inference.
+PROJECTORS = ("conv", "branch")
 
 
-def aligner(c_student: int, c_teacher: int) -> nn.Module:
-    """A 1x1 convolution from `c_student` to `c_teacher` channels, or identity when the widths already match."""
+def aligner(c_student: int, c_teacher: int, projector: str = "conv") -> nn.Module:
+    """A student-to-teacher channel map: `projector` "conv" is a 1x1 convolution, or identity when the widths already
+    match; "branch" is Ultralytics' Conv (3x3 conv, BN, SiLU) to `c_teacher` channels followed by a 1x1 convolution."""
+    if projector not in PROJECTORS:
+        raise ValueError(f"projector='{projector}' is not one of {', '.join(PROJECTORS)}")
+    if projector == "branch":
+        return nn.Sequential(Conv(c_student, c_teacher, 3), nn.Conv2d(c_teacher, c_teacher, kernel_size=1))
     return nn.Identity() if c_student == c_teacher else nn.Conv2d(c_student, c_teacher, kernel_size=1)
 
 
-def level_aligners(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> nn.ModuleList:
+def level_aligners(student: list[torch.Tensor], teacher: list[torch.Tensor], projector: str = "conv") -> nn.ModuleList:
     """One `aligner` per pyramid level, sized from example student and teacher feature maps."""
     if len(student) != len(teacher):
         raise ValueError(f"student has {len(student)} feature levels, teacher {len(teacher)}")
-    return nn.ModuleList(aligner(s.shape[1], t.shape[1]) for s, t in zip(student, teacher))
+    return nn.ModuleList(aligner(s.shape[1], t.shape[1], projector) for s, t in zip(student, teacher))
 
 
 @torch.no_grad()

@@ -153,7 +153,8 @@ class DistillationTrainer(DetectionTrainer):
             for name, p in self.kd_methods.named_parameters():
                 if not p.requires_grad:  # frozen parts a method owns (e.g. DICOD's classifier teacher)
                     continue
-                tag = "bias" if name.endswith("bias") else "muon" if "muon" in tags and p.ndim in {2, 4} else "weight"
+                tag = ("bias" if name.endswith("bias") else "bn" if p.ndim == 1  # a projector's BatchNorm weights
+                       else "muon" if "muon" in tags and p.ndim in {2, 4} else "weight")
                 tags[tag]["params"].append(p)
         return optimizer
 

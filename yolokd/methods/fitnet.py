@@ -1,6 +1,8 @@
 """FitNets hints (Romero et al., ICLR 2015, arXiv:1412.6550, Eq. 3), on the three neck levels.
 
-L = weight * mean_l mean_{b,c,h,w} (X^t_l - r_l(X^s_l))^2, with r_l a 1x1 regressor (identity when widths match).
+L = weight * mean_l mean_{b,c,h,w} (X^t_l - r_l(X^s_l))^2, with r_l the regressor (`projector`, see
+yolokd/adapters.py): "conv", a 1x1 convolution (identity when widths match), or "branch", a 3x3 conv + BN + SiLU and
+a 1x1 conv. The paper's regressor is a convolution followed by the hint layer's own non-linearity (Sec. 2.2).
 Deviation: the paper sums over elements and uses one hint layer; here a mean per level (scale-free across image
 sizes and model widths), averaged over P3-P5. The textbook baseline every other method should beat.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from yolokd.adapters import level_aligners
+from yolokd.methods._common import check_projector
 from yolokd.methods.base import DistillMethod, StepContext, register
 from yolokd.taps import Features
 
@@ -20,10 +23,10 @@ class FitNet(DistillMethod):
     summary = "FitNets: plain MSE between teacher neck features and 1x1-adapted student neck features"
     aligned = {"align": "neck"}
 
-    def __init__(self, student: Features, teacher: Features, *, weight: float):
+    def __init__(self, student: Features, teacher: Features, *, weight: float, projector: str = "conv"):
         super().__init__()
         self.weight = weight
-        self.align = level_aligners(student.neck, teacher.neck)
+        self.align = level_aligners(student.neck, teacher.neck, check_projector("fitnet", projector))
 
     def forward(self, s: Features, t: Features, ctx: StepContext) -> dict[str, torch.Tensor]:
         per_level = [(a(xs) - xt).pow(2).mean() for a, xs, xt in zip(self.align, s.neck, t.neck)]

@@ -8,8 +8,9 @@ The authors' code (zhanghengdev/MutualGuide, hint_loss.py) weights the loss by 5
 
 YOLO adaptation (METHODS.md section 1):
 - one map per image and neck level P3..P5 (the Detect inputs); D from the sigmoid class probabilities of the
-  same anchors, L = mean_{b,l}[mean_hw W * mean_c (X^t - Adapt(X^s))^2], Adapt a 1x1 conv (identity when the
-  widths match), weight 5.0. Per-map normalisation (the paper's Eq. 2) keeps L invariant to image size and
+  same anchors, L = mean_{b,l}[mean_hw W * mean_c (X^t - Adapt(X^s))^2], weight 5.0. Adapt (`projector`) is the
+  paper's 1x1 conv ("conv", identity when the widths match) or the authors' code's branch ("branch": 3x3 conv + BN +
+  activation, then a 1x1 conv; yolokd/adapters.py). Per-map normalisation (the paper's Eq. 2) keeps L invariant to image size and
   level; the authors' code normalises over the whole batch and all levels instead;
 - `disagreement`: "l2" = ||sigma(z^t) - sigma(z^s)||_2 over classes (the paper's best, and the paper-era code),
   "l1" = the L1 distance, "kl" = binary KL(teacher || student) per class summed over classes (a sigmoid head has
@@ -24,7 +25,7 @@ import torch
 
 from yolokd.adapters import level_aligners
 from yolokd.config import DistillationConfigError
-from yolokd.methods._common import binary_kl, feature_gaps, level_mean, prepare, split_levels
+from yolokd.methods._common import binary_kl, check_projector, feature_gaps, level_mean, prepare, split_levels
 from yolokd.methods.base import DistillMethod, StepContext, register
 from yolokd.taps import Features
 
@@ -56,12 +57,13 @@ class PDFDistil(DistillMethod):
     summary = "PDF-Distil: neck imitation weighted per position by the teacher-student class disagreement"
     aligned = {"align": "neck"}
 
-    def __init__(self, student: Features, teacher: Features, *, weight: float, disagreement: str):
+    def __init__(self, student: Features, teacher: Features, *, weight: float, disagreement: str,
+                 projector: str = "conv"):
         super().__init__()
         if disagreement not in DISAGREEMENTS:
             raise DistillationConfigError(f"pdf_disagreement='{disagreement}' is not one of {', '.join(DISAGREEMENTS)}")
         self.weight, self.kind = weight, disagreement
-        self.align = level_aligners(student.neck, teacher.neck)
+        self.align = level_aligners(student.neck, teacher.neck, check_projector("pdf", projector))
 
     def forward(self, s: Features, t: Features, ctx: StepContext) -> dict[str, torch.Tensor]:
         s, t = prepare(s, t)
