@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from helpers import read_results, save_checkpoint
+from helpers import read_results, save_checkpoint, student_step
 from yolokd.config import DistillationConfigError
 from yolokd.methods.base import MethodSet, StepContext
 from yolokd.methods.dicod import (
@@ -248,41 +248,10 @@ def test_no_positives_gives_zero_with_graph(cls_pt):
 
 
 # ---------------------------------------------------------------------------------------------- real students
-def _student_step(cfg: str, names: list[str], args, teacher_cfg: str | None = None):
-    """One training-mode step of a random student through DistillationLoss (and what it saw, for the checks)."""
-    from ultralytics.cfg import get_cfg
-    from ultralytics.nn.tasks import DetectionModel
-
-    from yolokd.checks import dry_forward
-    from yolokd.criterion import DistillationLoss
-    from yolokd.taps import Taps, raw_forward
-
-    torch.manual_seed(0)
-    model = DetectionModel(cfg, nc=len(names), verbose=False)
-    model.args = get_cfg()
-    teacher = DetectionModel(teacher_cfg, nc=len(names), verbose=False).eval() if teacher_cfg else None
-    s0 = Taps(model).collect(dry_forward(model, 64))
-    t_taps = Taps(teacher) if teacher else None
-    t0 = t_taps.collect(dry_forward(teacher, 64)) if teacher else None
-    methods = MethodSet(args.method.split("+"), s0, t0, args)
-    crit = DistillationLoss(model.init_criterion(), Taps(model), teacher, t_taps, methods)
-    img = torch.rand(2, 3, 64, 64)
-    batch = {"img": img, "batch_idx": torch.tensor([0.0, 0.0, 1.0]), "cls": torch.tensor([[0.0], [2.0], [1.0]]),
-             "bboxes": torch.tensor([[0.3, 0.3, 0.4, 0.3], [0.7, 0.6, 0.3, 0.5], [0.5, 0.5, 0.6, 0.6]])}
-    model.train()
-    preds = model(img)
-    loss, items = crit(preds, batch)
-    s = crit.student_taps.collect(preds)  # the same tensors again, for method-only gradients
-    with torch.no_grad():
-        t = t_taps.collect(raw_forward(teacher, img)) if teacher else None
-    ctx = StepContext(batch=batch, assign=crit.assignment.last)
-    return methods, s, t, ctx, model, loss, items
-
-
 @pytest.mark.parametrize("cfg", ["yolov8n.yaml", "yolo26n.yaml"])
 def test_real_student_gradients_reach_the_right_branch(cfg, cls_pt):
     args = SimpleNamespace(method="dicod", cls_teacher=str(cls_pt), data=list(NAMES.values()), dicod_crop=16)
-    methods, s, _, ctx, model, loss, items = _student_step(cfg, list(NAMES.values()), args)
+    methods, s, _, ctx, model, loss, items, _ = student_step(cfg, list(NAMES.values()), args)
     assert torch.isfinite(loss).all() and {"kd_loss", "dicod_cls", "dicod_loc"} <= set(items)
     assert items["dicod_cls"] > 0 and items["dicod_loc"] > 0
     head = model.model[-1]
@@ -300,7 +269,7 @@ def test_combination_with_a_detector_teacher_method(cls_pt):
 
     args = SimpleNamespace(**{**kd_defaults(), "method": "dfd+dicod", "cls_teacher": str(cls_pt), "data": NAMES,
                               "dicod_crop": 16})
-    methods, s, t, ctx, _, loss, items = _student_step("yolov8n.yaml", list(NAMES.values()), args, "yolov8n.yaml")
+    methods, s, t, ctx, _, loss, items, _ = student_step("yolov8n.yaml", list(NAMES.values()), args, "yolov8n.yaml")
     terms = methods(s, t, ctx)
     assert set(terms) == {"dfd_hd", "dfd_ld", "dicod_cls", "dicod_loc"}
     assert all(torch.isfinite(v) for v in terms.values()) and torch.isfinite(loss).all()

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from yolokd.methods.base import MethodSet, StepContext
-from yolokd.taps import Taps, _AssignmentRecorder, assigner_of, raw_forward
+from yolokd.taps import Taps, _AssignmentRecorder, _TeacherAssignment, assigner_of, raw_forward
 
 
 def fade_factor(epoch: int, epochs: int, fade: float) -> float:
@@ -77,17 +77,27 @@ class DistillationLoss:
         self.teacher, self.teacher_taps, self.methods, self.trainer = teacher, teacher_taps, methods, trainer
         self.assignment = _AssignmentRecorder()
         self._assign_handle = assigner_of(task).register_forward_hook(self.assignment)
+        self.teacher_assignment = None
+        if teacher is not None and methods is not None and methods.teacher_assigns:
+            self.teacher_assignment = _TeacherAssignment()
+            self._teacher_assign_handle = assigner_of(task).register_forward_pre_hook(self.teacher_assignment)
 
     def __call__(self, preds, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Ultralytics criterion contract: `(loss_vector * batch_size, {name: detached scalar})`."""
-        loss, items = self.task(preds, batch)
         if self.methods is None:
-            return loss, items
-        s = self.student_taps.collect(preds)
+            return self.task(preds, batch)
         t = None
         if self.teacher is not None:
             with torch.no_grad():
                 t = self.teacher_taps.collect(raw_forward(self.teacher, batch["img"]))
+        if self.teacher_assignment is not None:
+            self.teacher_assignment.set(t)
+        try:
+            loss, items = self.task(preds, batch)
+        finally:
+            if self.teacher_assignment is not None:
+                self.teacher_assignment.clear()
+        s = self.student_taps.collect(preds)
         ctx = StepContext(batch=batch, assign=self.assignment.last,
                           epoch=getattr(self.trainer, "epoch", 0), epochs=getattr(self.trainer, "epochs", 1))
         s, t = s.float(), None if t is None else t.float()  # one fp32 copy per step, shared by the fit and the terms
@@ -111,6 +121,8 @@ class DistillationLoss:
     def remove(self):
         """Detach the hooks this loss registered (the teacher's and student's taps, the assigner hook)."""
         self._assign_handle.remove()
+        if self.teacher_assignment is not None:
+            self._teacher_assign_handle.remove()
         self.student_taps.remove()
         if self.teacher_taps is not None:
             self.teacher_taps.remove()

@@ -115,6 +115,36 @@ class _AssignmentRecorder:
         self.last = Assignment(fg_mask.bool(), target_gt_idx, target_bboxes, target_scores, gt_labels, gt_bboxes, mask_gt)
 
 
+class _TeacherAssignment:
+    """Forward pre-hook on the student's `TaskAlignedAssigner`: it assigns from the teacher's predictions.
+
+    Label Assignment Distillation (Nguyen et al., WACV 2022, arXiv:2108.10520, Sec. 3): the student is trained on
+    the assignment its teacher's predictions produce, not its own. Ultralytics' assigner scores each anchor by
+    s^alpha * IoU^beta of the predicted class score s and box; this swaps the student's (detached) scores and
+    decoded boxes for the teacher's, which leaves which anchors are positive and their soft targets to the teacher.
+    `set` before the task loss runs, `clear` after; between the two, every other argument passes unchanged.
+    """
+
+    def __init__(self):
+        self.scores: torch.Tensor | None = None  # (B, A, nc) teacher class probabilities
+        self.boxes: torch.Tensor | None = None  # (B, A, 4) teacher boxes, xyxy input pixels
+
+    def set(self, teacher: Features) -> None:
+        self.scores = teacher.scores.detach().float().sigmoid().permute(0, 2, 1)
+        self.boxes = teacher.boxes_xyxy.detach()
+
+    def clear(self) -> None:
+        self.scores = self.boxes = None
+
+    def __call__(self, module, args):
+        if self.scores is None:
+            return None
+        if self.scores.shape != args[0].shape:
+            raise RuntimeError(f"teacher scores {tuple(self.scores.shape)} do not match the student's "
+                               f"{tuple(args[0].shape)}: the assignment needs the same anchors and classes")
+        return (self.scores.to(args[0].dtype), self.boxes.to(args[1].dtype), *args[2:])
+
+
 class Taps:
     """Hooks on one model's head. `collect(preds)` turns a forward's raw output into `Features`."""
 
@@ -162,7 +192,7 @@ def strip_taps(model: nn.Module) -> int:
     removed = 0
     for m in model.modules():
         for hooks in (m._forward_hooks, m._forward_pre_hooks):
-            for k in [k for k, h in hooks.items() if isinstance(h, (_Recorder, _AssignmentRecorder))]:
+            for k in [k for k, h in hooks.items() if isinstance(h, (_Recorder, _AssignmentRecorder, _TeacherAssignment))]:
                 del hooks[k]
                 removed += 1
     return removed

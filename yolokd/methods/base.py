@@ -67,6 +67,7 @@ class DistillMethod(nn.Module):
     needs_teacher: ClassVar[bool] = True
     uses_args: ClassVar[tuple[str, ...]] = ()  # top-level train arguments it takes as keywords (e.g. cls_teacher)
     task_scaled: ClassVar[bool] = False  # True: terms normalised like Ultralytics' own losses; kd_max_ratio skips them
+    teacher_assigns: bool = False  # True: the student's task loss is assigned from the teacher's predictions (LAD)
     aligned: ClassVar[dict[str, str]] = {}  # {aligner ModuleList attribute: Features field it maps}, for fit_adapters
 
     @classmethod
@@ -158,6 +159,11 @@ class MethodSet(nn.Module):
         self.adapters_fitted.fill_(True)
         self._fitted = True
         return True
+
+    @property
+    def teacher_assigns(self) -> bool:
+        """True if a method asks for the student's task loss to use the teacher's assignment (`_TeacherAssignment`)."""
+        return any(m.teacher_assigns for m in self.methods.values())
 
     @property
     def taps(self) -> set[str]:
