@@ -39,6 +39,27 @@ def test_fitnet_adapter_gets_gradient_teacher_none():
     assert t.neck[0].grad is None
 
 
+def test_fitnet_pearson_hand_value():
+    # one channel over 4 positions: student [1, 2, 3, 4] -> z = [-3, -1, 1, 3] / sqrt(5); teacher [4, 3, 2, 1] -> -z.
+    # The standardised maps differ by 2z, so the loss is mean(4 z^2) = 4 (unit variance), i.e. 2 * (1 - r) at r = -1.
+    s = feats([torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])])
+    t = feats([torch.tensor([[[[4.0, 3.0], [2.0, 1.0]]]])])
+    assert torch.isclose(FitNet(s, t, weight=1.0, pearson=True)(s, t, ctx())["loss"], torch.tensor(4.0), atol=1e-5)
+    assert torch.isclose(FitNet(s, s, weight=1.0, pearson=True)(s, s, ctx())["loss"], torch.tensor(0.0), atol=1e-5)
+
+
+def test_fitnet_pearson_ignores_each_channels_scale_and_offset():
+    g = torch.Generator().manual_seed(0)
+    s = feats([torch.randn(2, 3, 4, 4, generator=g)])
+    t = feats([torch.randn(2, 3, 4, 4, generator=g)])
+    m = FitNet(s, t, weight=1.0, pearson=True)
+    scale, shift = torch.tensor([0.5, 1.0, 50.0]).view(1, 3, 1, 1), torch.tensor([3.0, -2.0, 0.5]).view(1, 3, 1, 1)
+    t2 = feats([t.neck[0] * scale + shift])
+    assert torch.isclose(m(s, t, ctx())["loss"], m(s, t2, ctx())["loss"], rtol=1e-4)
+    plain = FitNet(s, t, weight=1.0)
+    assert not torch.isclose(plain(s, t, ctx())["loss"], plain(s, t2, ctx())["loss"])  # the MSE is not blind to it
+
+
 def test_spatial_attention_sums_to_hw():
     a = spatial_attention(torch.randn(3, 8, 5, 7))
     assert a.shape == (3, 5, 7)
