@@ -52,19 +52,19 @@ def test_identity_aligner_is_left_alone():
     assert isinstance(a, torch.nn.Identity)
 
 
-def method_set(names, init="lstsq"):
+def method_set(names, init="lstsq", **overrides):
     s, t, c = random_case(16)
-    return MethodSet(names, s, t, type("Args", (), {**kd_defaults(), "adapter_init": init})), s, t, c
+    return MethodSet(names, s, t, type("Args", (), {**kd_defaults(), "adapter_init": init, **overrides})), s, t, c
 
 
 @pytest.mark.parametrize("names, path", [
     (["fitnet"], "fitnet.align.0"),
-    (["pdf"], "pdf.align.1"),
+    (["pdf"], "pdf.align.1"),  # with pdf_projector=conv (the shipped default, branch, is not fitted)
     (["dfd"], "dfd.align.2"),
     (["rmpfi"], "rmpfi.pfi.align.0"),  # a method held inside another one is fitted too
 ])
 def test_first_batch_fits_each_aligner_once(names, path):
-    ms, s, t, _ = method_set(names)
+    ms, s, t, _ = method_set(names, pdf_projector="conv")
     conv = ms.methods.get_submodule(path)
     before = conv.weight.detach().clone()
     assert ms.fit_adapters(s, t) is True and bool(ms.adapters_fitted)
@@ -144,5 +144,5 @@ def test_projector_option_builds_branches(method):
 
 def test_unknown_projector_is_refused():
     s, t, _ = random_case(16)
-    with pytest.raises(DistillationConfigError, match="pdf_projector='mlp' is not one of conv, branch"):
+    with pytest.raises(DistillationConfigError, match="pdf_projector='mlp' is not one of: conv, branch"):
         MethodSet(["pdf"], s, t, type("Args", (), {**kd_defaults(), "pdf_projector": "mlp"}))

@@ -65,6 +65,8 @@ CASES = [  # (extra arguments, words the error must contain)
     (dict(teacher="good", method="fitnet", adapter_init="zeros"), ["adapter_init='zeros'", "lstsq, random"]),
     (dict(teacher="good", method="rmpfi", rm_scores="softmax"), ["rm_scores='softmax'", "logit, prob"]),
     (dict(teacher="good", method="pfi", pfi_detach="maybe"), ["pfi_detach='maybe'", "true or false"]),
+    (dict(teacher="good", method="pdf", pdf_projector="mlp"), ["pdf_projector='mlp'", "conv, branch"]),
+    (dict(teacher="good", method="dfd+ld", ld_assign="gt"), ["ld_assign='gt'", "student, teacher"]),
     (dict(teacher="good", method="dfd", dfd_alpha="big"), ["dfd_alpha='big'", "a number"]),
 ]
 

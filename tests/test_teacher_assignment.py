@@ -71,5 +71,5 @@ def test_the_loss_hooks_the_assigner_only_when_asked_and_clears_after_each_step(
 
 
 def test_unknown_assign_is_refused():
-    with pytest.raises(DistillationConfigError, match="ld_assign='gt' is not one of student, teacher"):
+    with pytest.raises(DistillationConfigError, match="ld_assign='gt' is not one of: student, teacher"):
         run("gt")

@@ -14,16 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from yolokd.adapters import PROJECTORS
-from yolokd.config import DistillationConfigError
 from yolokd.taps import Features
-
-
-def check_projector(method: str, projector: str) -> str:
-    """`<method>_projector`, or a clear error naming the choices (yolokd/adapters.py: PROJECTORS)."""
-    if projector not in PROJECTORS:
-        raise DistillationConfigError(f"{method}_projector='{projector}' is not one of {', '.join(PROJECTORS)}")
-    return projector
 
 
 def prepare(s: Features, t: Features | None) -> tuple[Features, Features | None]:

@@ -32,6 +32,12 @@ _REGISTRY: dict[str, type[DistillMethod]] = {}
 ADAPTER_INITS = ("lstsq", "random")  # `adapter_init=`: see MethodSet.fit_adapters
 
 
+def check_choice(key: str, value, allowed: tuple[str, ...]) -> None:
+    """A string hyper-parameter `key` (e.g. `pdf_projector`) must be one of `allowed`; None (the YAML default) passes."""
+    if value is not None and value not in allowed:
+        raise DistillationConfigError(f"{key}='{value}' is not one of: {', '.join(allowed)}")
+
+
 def check_adapter_init(value) -> str:
     """The `adapter_init` train argument, lower-cased, or a clear error naming the choices."""
     init = str(value or "").lower()
@@ -68,12 +74,15 @@ class DistillMethod(nn.Module):
     uses_args: ClassVar[tuple[str, ...]] = ()  # top-level train arguments it takes as keywords (e.g. cls_teacher)
     task_scaled: ClassVar[bool] = False  # True: terms normalised like Ultralytics' own losses; kd_max_ratio skips them
     teacher_assigns: bool = False  # True: the student's task loss is assigned from the teacher's predictions (LAD)
+    choices: ClassVar[dict[str, tuple[str, ...]]] = {}  # {string hyper-parameter: allowed values}, see check_inputs
     aligned: ClassVar[dict[str, str]] = {}  # {aligner ModuleList attribute: Features field it maps}, for fit_adapters
 
     @classmethod
     def check_inputs(cls, args: dict, data: dict | None) -> None:
         """Pre-flight check of the method's own inputs (train arguments, dataset dict), before any run folder
-        exists; raise `DistillationConfigError` naming the problem and the fix. Default: nothing to check."""
+        exists; raise `DistillationConfigError` naming the problem and the fix. Default: the `choices`."""
+        for key, allowed in cls.choices.items():
+            check_choice(f"{cls.name}_{key}", args.get(f"{cls.name}_{key}"), allowed)
 
     def fit_adapters(self, s: Features, t: Features) -> None:
         """Least-squares initialisation of the method's 1x1 aligners (`aligned`), and of those of the methods it

@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from yolokd.adapters import level_aligners
-from yolokd.methods._common import check_projector
-from yolokd.methods.base import DistillMethod, StepContext, register
+from yolokd.adapters import PROJECTORS, level_aligners
+from yolokd.methods.base import DistillMethod, StepContext, check_choice, register
 from yolokd.taps import Features
 
 
@@ -32,12 +31,14 @@ class FitNet(DistillMethod):
     name = "fitnet"
     summary = "FitNets: plain MSE between teacher neck features and 1x1-adapted student neck features"
     aligned = {"align": "neck"}
+    choices = {"projector": PROJECTORS}
 
     def __init__(self, student: Features, teacher: Features, *, weight: float, projector: str = "conv",
                  pearson: bool = False):
         super().__init__()
         self.weight, self.pearson = weight, bool(pearson)
-        self.align = level_aligners(student.neck, teacher.neck, check_projector("fitnet", projector))
+        check_choice("fitnet_projector", projector, PROJECTORS)
+        self.align = level_aligners(student.neck, teacher.neck, projector)
 
     def forward(self, s: Features, t: Features, ctx: StepContext) -> dict[str, torch.Tensor]:
         norm = standardise if self.pearson else (lambda x: x)

@@ -21,7 +21,8 @@ YOLO adaptation (ours):
 - L = cls_weight * L_cls + box_weight * L_box, logged as the terms "cls" and "box";
 - `assign: teacher` adds Label Assignment Distillation (Nguyen et al., WACV 2022, arXiv:2108.10520): the student's
   own task loss is assigned from the teacher's class scores and boxes instead of its own (yolokd/taps.py,
-  `_TeacherAssignment`); for YOLO26 only the one-to-many branch's assignment is the teacher's;
+  `_TeacherAssignment`); for YOLO26 only the one-to-many branch's assignment is the teacher's. cfg/methods/ld.yaml
+  ships `teacher` (docs/benchmarks.md); the constructor's default is Ultralytics' own assignment;
 - being on the task loss's own scale, it is exempt from `kd_max_ratio` (the cap for feature terms whose paper
   weights were tuned on other features): capped at 0.25, its seed-0 gain on the CPU profile fell from +0.027 to
   +0.017 mAP50-95 (docs/benchmarks.md).
@@ -32,9 +33,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from yolokd.config import DistillationConfigError
 from yolokd.methods._common import binary_kl, prepare
-from yolokd.methods.base import DistillMethod, StepContext, register
+from yolokd.methods.base import DistillMethod, StepContext, check_choice, register
 from yolokd.taps import Features
 
 ASSIGNERS = ("student", "teacher")  # `ld_assign`: whose predictions assign the student's task loss
@@ -51,13 +51,13 @@ def edge_kl(d_t: torch.Tensor, d_s: torch.Tensor, tau: float) -> torch.Tensor:
 class DensePredictionKD(DistillMethod):
     name = "ld"
     summary = "Dense prediction KD: soft class targets + Localization Distillation of the box distributions"
+    choices = {"assign": ASSIGNERS}
     task_scaled = True  # normalised like Ultralytics' cls/dfl losses: `kd_max_ratio` does not scale it
 
     def __init__(self, student: Features, teacher: Features, *, cls_weight: float, box_weight: float,
                  temperature: float, assign: str = "student"):
         super().__init__()
-        if assign not in ASSIGNERS:
-            raise DistillationConfigError(f"ld_assign='{assign}' is not one of {', '.join(ASSIGNERS)}")
+        check_choice("ld_assign", assign, ASSIGNERS)
         self.cls_weight, self.box_weight, self.tau = cls_weight, box_weight, temperature
         self.teacher_assigns = assign == "teacher"
 

@@ -10,7 +10,8 @@ YOLO adaptation (METHODS.md section 1):
 - one map per image and neck level P3..P5 (the Detect inputs); D from the sigmoid class probabilities of the
   same anchors, L = mean_{b,l}[mean_hw W * mean_c (X^t - Adapt(X^s))^2], weight 5.0. Adapt (`projector`) is the
   paper's 1x1 conv ("conv", identity when the widths match) or the authors' code's branch ("branch": 3x3 conv + BN +
-  activation, then a 1x1 conv; yolokd/adapters.py). Per-map normalisation (the paper's Eq. 2) keeps L invariant to image size and
+  activation, then a 1x1 conv; yolokd/adapters.py). cfg/methods/pdf.yaml ships "branch": on the 8-epoch CPU
+  profile it doubled the gain of the 1x1 conv (docs/benchmarks.md); the constructor's default stays the paper's. Per-map normalisation (the paper's Eq. 2) keeps L invariant to image size and
   level; the authors' code normalises over the whole batch and all levels instead;
 - `disagreement`: "l2" = ||sigma(z^t) - sigma(z^s)||_2 over classes (the paper's best, and the paper-era code),
   "l1" = the L1 distance, "kl" = binary KL(teacher || student) per class summed over classes (a sigmoid head has
@@ -23,10 +24,9 @@ from __future__ import annotations
 
 import torch
 
-from yolokd.adapters import level_aligners
-from yolokd.config import DistillationConfigError
-from yolokd.methods._common import binary_kl, check_projector, feature_gaps, level_mean, prepare, split_levels
-from yolokd.methods.base import DistillMethod, StepContext, register
+from yolokd.adapters import PROJECTORS, level_aligners
+from yolokd.methods._common import binary_kl, feature_gaps, level_mean, prepare, split_levels
+from yolokd.methods.base import DistillMethod, StepContext, check_choice, register
 from yolokd.taps import Features
 
 EPS = 1e-8
@@ -56,14 +56,15 @@ class PDFDistil(DistillMethod):
     name = "pdf"
     summary = "PDF-Distil: neck imitation weighted per position by the teacher-student class disagreement"
     aligned = {"align": "neck"}
+    choices = {"disagreement": DISAGREEMENTS, "projector": PROJECTORS}
 
     def __init__(self, student: Features, teacher: Features, *, weight: float, disagreement: str,
                  projector: str = "conv"):
         super().__init__()
-        if disagreement not in DISAGREEMENTS:
-            raise DistillationConfigError(f"pdf_disagreement='{disagreement}' is not one of {', '.join(DISAGREEMENTS)}")
+        check_choice("pdf_disagreement", disagreement, DISAGREEMENTS)
+        check_choice("pdf_projector", projector, PROJECTORS)
         self.weight, self.kind = weight, disagreement
-        self.align = level_aligners(student.neck, teacher.neck, check_projector("pdf", projector))
+        self.align = level_aligners(student.neck, teacher.neck, projector)
 
     def forward(self, s: Features, t: Features, ctx: StepContext) -> dict[str, torch.Tensor]:
         s, t = prepare(s, t)

@@ -34,9 +34,8 @@ import torch
 
 from ultralytics.utils.metrics import bbox_iou
 
-from yolokd.config import DistillationConfigError
 from yolokd.methods._common import prepare
-from yolokd.methods.base import DistillMethod, StepContext, register
+from yolokd.methods.base import DistillMethod, StepContext, check_choice, register
 from yolokd.taps import Features
 
 
@@ -62,17 +61,12 @@ class RankMimicking(DistillMethod):
     name = "rm"
     summary = "Rank Mimicking: KL between teacher and student rankings (class score, IoU) of each GT's positives"
 
-    @classmethod
-    def check_inputs(cls, args: dict, data: dict | None) -> None:
-        """`rm_scores` must name a score space (before any run folder exists)."""
-        scores = args.get("rm_scores")  # None: the YAML default
-        if scores is not None and scores not in SCORES:
-            raise DistillationConfigError(f"rm_scores='{scores}' is not one of: {', '.join(SCORES)}")
+    choices = {"scores": SCORES}
 
     def __init__(self, student: Features, teacher: Features, *, weight: float, loc_weight: float,
                  loc_temperature: float, scores: str):
         super().__init__()
-        self.check_inputs({"rm_scores": scores}, None)
+        check_choice("rm_scores", scores, SCORES)
         self.weight, self.loc_weight, self.tau, self.scores = weight, loc_weight, loc_temperature, scores
 
     def forward(self, s: Features, t: Features, ctx: StepContext) -> dict[str, torch.Tensor]:
