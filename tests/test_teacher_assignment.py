@@ -10,36 +10,35 @@ import torch
 
 from helpers import student_step
 from yolokd.config import DistillationConfigError, kd_defaults
-from yolokd.taps import Features, _TeacherAssignment
+from yolokd.taps import Features, _TeacherAssignment, assigner_of
 
 NAMES = ["a", "b", "c"]
 
 
-def run(assign: str):
+def run(assign: str, cfg: str = "yolov8n.yaml"):
     args = SimpleNamespace(**{**kd_defaults(), "method": "ld", "ld_assign": assign})
-    return student_step("yolov8n.yaml", NAMES, args, teacher_cfg="yolov8n.yaml")
+    return student_step(cfg, NAMES, args, teacher_cfg=cfg)
 
 
-def assign_from(scores: torch.Tensor, feats: Features, ctx):
-    """Ultralytics' TaskAlignedAssigner, run directly on (B, nc, A) logits and the decoded boxes of `feats`."""
-    from ultralytics.utils.tal import TaskAlignedAssigner
-
+def assign_from(model, feats: Features, ctx):
+    """The student's own (unhooked) assigner, run directly on the class logits and decoded boxes of `feats`."""
     points, strides = feats.anchors
     a = ctx.assign
-    return TaskAlignedAssigner(topk=10, num_classes=len(NAMES), alpha=0.5, beta=6.0)(
-        scores.detach().sigmoid().permute(0, 2, 1), feats.boxes_xyxy.detach(), points * strides,
+    return assigner_of(model.init_criterion())(
+        feats.scores.detach().sigmoid().permute(0, 2, 1), feats.boxes_xyxy.detach(), points * strides,
         a.gt_labels, a.gt_bboxes, a.mask_gt)
 
 
+@pytest.mark.parametrize("cfg", ["yolov8n.yaml", "yolo26n.yaml"])  # YOLO26: the one-to-many assignment
 @pytest.mark.parametrize("assign", ["student", "teacher"])
-def test_assignment_is_computed_from_the_chosen_model(assign):
-    _, s, t, ctx, _, loss, _, _ = run(assign)
+def test_assignment_is_computed_from_the_chosen_model(assign, cfg):
+    _, s, t, ctx, model, loss, _, _ = run(assign, cfg)
     assert torch.isfinite(loss).all()
     chosen, other = (s, t) if assign == "student" else (t, s)
-    expected = assign_from(chosen.scores, chosen, ctx)
+    expected = assign_from(model, chosen, ctx)
     assert torch.equal(ctx.assign.fg_mask, expected[3].bool())
     assert torch.allclose(ctx.assign.target_scores, expected[2])
-    not_chosen = assign_from(other.scores, other, ctx)
+    not_chosen = assign_from(model, other, ctx)
     assert not torch.allclose(ctx.assign.target_scores, not_chosen[2])  # the two models really assign differently
 
 

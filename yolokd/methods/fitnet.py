@@ -29,7 +29,7 @@ def standardise(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 @register
 class FitNet(DistillMethod):
     name = "fitnet"
-    summary = "FitNets: plain MSE between teacher neck features and 1x1-adapted student neck features"
+    summary = "FitNets: plain MSE between teacher neck features and regressed (1x1-adapted) student neck features"
     aligned = {"align": "neck"}
     choices = {"projector": PROJECTORS}
 
