@@ -118,7 +118,7 @@ class _AssignmentRecorder:
 class _TeacherAssignment:
     """Forward pre-hook on the student's `TaskAlignedAssigner`: it assigns from the teacher's predictions.
 
-    Label Assignment Distillation (Nguyen et al., WACV 2022, arXiv:2108.10520, Sec. 3): the student is trained on
+    Label Assignment Distillation (Nguyen et al., WACV 2022, arXiv:2108.10520): the student is trained on
     the assignment its teacher's predictions produce, not its own. Ultralytics' assigner scores each anchor by
     s^alpha * IoU^beta of the predicted class score s and box; this swaps the student's (detached) scores and
     decoded boxes for the teacher's, which leaves which anchors are positive and their soft targets to the teacher.
@@ -130,7 +130,8 @@ class _TeacherAssignment:
         self.boxes: torch.Tensor | None = None  # (B, A, 4) teacher boxes, xyxy input pixels
 
     def set(self, teacher: Features) -> None:
-        self.scores = teacher.scores.detach().float().sigmoid().permute(0, 2, 1)
+        teacher = teacher.float()  # decode in fp32 also under AMP
+        self.scores = teacher.scores.detach().sigmoid().permute(0, 2, 1)
         self.boxes = teacher.boxes_xyxy.detach()
 
     def clear(self) -> None:
@@ -192,7 +193,8 @@ def strip_taps(model: nn.Module) -> int:
     removed = 0
     for m in model.modules():
         for hooks in (m._forward_hooks, m._forward_pre_hooks):
-            for k in [k for k, h in hooks.items() if isinstance(h, (_Recorder, _AssignmentRecorder, _TeacherAssignment))]:
+            ours = (_Recorder, _AssignmentRecorder, _TeacherAssignment)
+            for k in [k for k, h in hooks.items() if isinstance(h, ours)]:
                 del hooks[k]
                 removed += 1
     return removed

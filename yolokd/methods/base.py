@@ -33,7 +33,7 @@ ADAPTER_INITS = ("lstsq", "random")  # `adapter_init=`: see MethodSet.fit_adapte
 
 
 def check_choice(key: str, value, allowed: tuple[str, ...]) -> None:
-    """A string hyper-parameter `key` (e.g. `pdf_projector`) must be one of `allowed`; None (the YAML default) passes."""
+    """A string hyper-parameter `key` (e.g. `pdf_projector`) must be one of `allowed`; None (YAML default) passes."""
     if value is not None and value not in allowed:
         raise DistillationConfigError(f"{key}='{value}' is not one of: {', '.join(allowed)}")
 
