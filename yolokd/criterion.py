@@ -88,8 +88,8 @@ class DistillationLoss:
             return self.task(preds, batch)
         t = None
         if self.teacher is not None:
-            with torch.no_grad():
-                t = self.teacher_taps.collect(raw_forward(self.teacher, batch["img"]))
+            with torch.no_grad():  # fp32 once per step, shared by the assignment, the fit and the terms
+                t = self.teacher_taps.collect(raw_forward(self.teacher, batch["img"])).float()
         if self.teacher_assignment is not None:
             self.teacher_assignment.set(t)
         try:
@@ -97,10 +97,9 @@ class DistillationLoss:
         finally:
             if self.teacher_assignment is not None:
                 self.teacher_assignment.clear()
-        s = self.student_taps.collect(preds)
+        s = self.student_taps.collect(preds).float()
         ctx = StepContext(batch=batch, assign=self.assignment.last,
                           epoch=getattr(self.trainer, "epoch", 0), epochs=getattr(self.trainer, "epochs", 1))
-        s, t = s.float(), None if t is None else t.float()  # one fp32 copy per step, shared by the fit and the terms
         with torch.autocast(batch["img"].device.type, enabled=False):
             if self.methods.fit_adapters(s, t):
                 broadcast_from_rank0(self.methods)

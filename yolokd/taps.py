@@ -130,7 +130,7 @@ class _TeacherAssignment:
         self.boxes: torch.Tensor | None = None  # (B, A, 4) teacher boxes, xyxy input pixels
 
     def set(self, teacher: Features) -> None:
-        teacher = teacher.float()  # decode in fp32 also under AMP
+        """Take the teacher's fp32 features of this step (`DistillationLoss` converts them once)."""
         self.scores = teacher.scores.detach().sigmoid().permute(0, 2, 1)
         self.boxes = teacher.boxes_xyxy.detach()
 
