@@ -137,8 +137,8 @@ def test_projector_option_builds_branches(method):
     args = {**kd_defaults(), f"{method}_projector": "branch"}
     ms = MethodSet([method], s, t, type("Args", (), args))
     assert all(isinstance(a, torch.nn.Sequential) for a in ms.methods[method].align)
-    loss = ms.methods[method](s, t, None if method == "fitnet" else random_case(16)[2])["loss"]
-    loss.backward()
+    terms = ms.methods[method](s, t, random_case(16)[2])
+    (terms["hint"] if method == "fitnet" else terms["loss"]).backward()
     assert all(q.grad is not None for q in ms.methods[method].align.parameters())
 
 

@@ -1,7 +1,9 @@
 """FitNet and DFD: hand-computed values, invariances and gradient flow (METHODS.md section 5 tests)."""
 
-import torch
+import math
+
 import pytest
+import torch
 
 from yolokd.methods.base import StepContext
 from yolokd.methods.dfd import DFD, high_disparity_mask, spatial_attention
@@ -26,17 +28,76 @@ def test_fitnet_hand_value():
     t = feats([torch.zeros(1, 1, 2, 2)])
     m = FitNet(s, t, weight=1.0)
     assert isinstance(m.align[0], torch.nn.Identity)  # same width: no regressor
-    assert torch.isclose(m(s, t, ctx())["loss"], torch.tensor(7.5))
-    assert torch.isclose(FitNet(s, t, weight=2.0)(s, t, ctx())["loss"], torch.tensor(15.0))
+    assert torch.isclose(m(s, t, ctx())["hint"], torch.tensor(7.5))
+    assert torch.isclose(FitNet(s, t, weight=2.0)(s, t, ctx())["hint"], torch.tensor(15.0))
 
 
 def test_fitnet_adapter_gets_gradient_teacher_none():
     s = feats([torch.randn(2, 3, 4, 4, requires_grad=True)])
     t = feats([torch.randn(2, 5, 4, 4, requires_grad=True)])
     m = FitNet(s, t, weight=1.0)
-    m(s, feats([t.neck[0].detach()]), ctx())["loss"].backward()  # the loss receives teacher tensors detached
+    m(s, feats([t.neck[0].detach()]), ctx())["hint"].backward()  # the loss receives teacher tensors detached
     assert m.align[0].weight.grad.abs().sum() > 0 and s.neck[0].grad.abs().sum() > 0
     assert t.neck[0].grad is None
+
+
+def test_fitnet_kd_term_hand_value():
+    # one class, two anchors. Anchor 0: teacher p = 0.5, student p = 0.75 (logit ln 3):
+    # KL(Bern(0.5) || Bern(0.75)) = 0.5 ln(0.5 / 0.75) + 0.5 ln(0.5 / 0.25) = 0.5 ln(4/3); anchor 1: equal, 0.
+    # n = max(0.5 + 0.5, 1) = 1, so kd_weight 2 gives ln(4/3). The neck maps are equal: the hint term is 0.
+    neck = [torch.ones(1, 1, 1, 2)]
+    s = Features(neck=neck, scores=torch.tensor([[[3.0, 1.0]]]).log(), boxes=torch.zeros(1, 4, 2),
+                 strides=torch.tensor([8.0]), dfl=torch.nn.Identity())
+    t = Features(neck=neck, scores=torch.zeros(1, 1, 2), boxes=torch.zeros(1, 4, 2), strides=torch.tensor([8.0]),
+                 dfl=torch.nn.Identity())
+    terms = FitNet(s, t, weight=1.0, kd_weight=2.0)(s, t, ctx())
+    assert terms["hint"].item() == 0 and terms["kd"].item() == pytest.approx(math.log(4 / 3), rel=1e-5)
+    assert set(FitNet(s, t, weight=1.0, kd_weight=0.0)(s, t, ctx())) == {"hint"}  # the hint alone
+
+
+def test_fitnet_hint_stage_then_kd_stage():
+    # hint_share 0.5 of 4 epochs: the hint acts in epochs 0-1 (stage 1), only the KD term in epochs 2-3 (stage 2)
+    g = torch.Generator().manual_seed(0)
+    s = Features(neck=[torch.randn(1, 2, 3, 3, generator=g)], scores=torch.randn(1, 2, 9, generator=g),
+                 boxes=torch.zeros(1, 4, 9), strides=torch.tensor([8.0]), dfl=torch.nn.Identity())
+    t = Features(neck=[torch.randn(1, 2, 3, 3, generator=g)], scores=torch.randn(1, 2, 9, generator=g),
+                 boxes=torch.zeros(1, 4, 9), strides=torch.tensor([8.0]), dfl=torch.nn.Identity())
+    m = FitNet(s, t, weight=1.0, kd_weight=1.0, hint_share=0.5)
+    at = [m(s, t, StepContext(batch={"img": torch.zeros(1, 3, 24, 24)}, assign=None, epoch=e, epochs=4))
+          for e in range(4)]
+    assert at[0]["hint"] > 0 and torch.equal(at[0]["hint"], at[1]["hint"]) and at[2]["hint"] == at[3]["hint"] == 0
+    assert all(torch.equal(a["kd"], at[0]["kd"]) for a in at)  # the KD term is the same in both stages
+
+
+def test_fitnet_kd_reaches_the_scores_and_the_hint_the_neck_only():
+    g = torch.Generator().manual_seed(0)
+    s = Features(neck=[torch.randn(2, 3, 4, 4, generator=g).requires_grad_()],
+                 scores=torch.randn(2, 2, 16, generator=g).requires_grad_(), boxes=torch.zeros(2, 4, 16),
+                 strides=torch.tensor([8.0]), dfl=torch.nn.Identity())
+    t = Features(neck=[torch.randn(2, 5, 4, 4, generator=g)], scores=torch.randn(2, 2, 16, generator=g),
+                 boxes=torch.zeros(2, 4, 16), strides=torch.tensor([8.0]), dfl=torch.nn.Identity())
+    m = FitNet(s, t, weight=1.0, kd_weight=1.0)
+    terms = m(s, t, ctx())
+    terms["kd"].backward(retain_graph=True)
+    assert s.scores.grad.abs().sum() > 0 and s.neck[0].grad is None and m.align[0].weight.grad is None
+    s.scores.grad = None
+    terms["hint"].backward()
+    assert s.scores.grad is None and s.neck[0].grad.abs().sum() > 0 and m.align[0].weight.grad.abs().sum() > 0
+
+
+def test_fitnet_kd_term_escapes_the_cap_and_the_hint_does_not():
+    from yolokd.config import kd_defaults
+    from yolokd.criterion import cap_ratio
+    from yolokd.methods.base import MethodSet
+
+    from tests.test_methods_pred_guided import random_case
+
+    s, t, c = random_case(16)
+    ms = MethodSet(["fitnet", "pfi"], s, t, type("Args", (), {**kd_defaults(), "fitnet_kd_weight": 1.0}))
+    terms = ms(s, t, c)
+    assert set(terms) == {"fitnet_hint", "fitnet_kd", "pfi"} and ms.task_scaled_columns(terms) == {"fitnet_kd"}
+    out = cap_ratio(terms, torch.tensor(1e-6), 0.25, ms.task_scaled_columns(terms))
+    assert out["fitnet_kd"] is terms["fitnet_kd"] and out["fitnet_hint"] < terms["fitnet_hint"]
 
 
 def test_fitnet_pearson_hand_value():
@@ -44,8 +105,8 @@ def test_fitnet_pearson_hand_value():
     # The standardised maps differ by 2z, so the loss is mean(4 z^2) = 4 (unit variance), i.e. 2 * (1 - r) at r = -1.
     s = feats([torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])])
     t = feats([torch.tensor([[[[4.0, 3.0], [2.0, 1.0]]]])])
-    assert torch.isclose(FitNet(s, t, weight=1.0, pearson=True)(s, t, ctx())["loss"], torch.tensor(4.0), atol=1e-5)
-    assert torch.isclose(FitNet(s, s, weight=1.0, pearson=True)(s, s, ctx())["loss"], torch.tensor(0.0), atol=1e-5)
+    assert torch.isclose(FitNet(s, t, weight=1.0, pearson=True)(s, t, ctx())["hint"], torch.tensor(4.0), atol=1e-5)
+    assert torch.isclose(FitNet(s, s, weight=1.0, pearson=True)(s, s, ctx())["hint"], torch.tensor(0.0), atol=1e-5)
 
 
 def test_fitnet_pearson_ignores_each_channels_scale_and_offset():
@@ -55,9 +116,9 @@ def test_fitnet_pearson_ignores_each_channels_scale_and_offset():
     m = FitNet(s, t, weight=1.0, pearson=True)
     scale, shift = torch.tensor([0.5, 1.0, 50.0]).view(1, 3, 1, 1), torch.tensor([3.0, -2.0, 0.5]).view(1, 3, 1, 1)
     t2 = feats([t.neck[0] * scale + shift])
-    assert torch.isclose(m(s, t, ctx())["loss"], m(s, t2, ctx())["loss"], rtol=1e-4)
+    assert torch.isclose(m(s, t, ctx())["hint"], m(s, t2, ctx())["hint"], rtol=1e-4)
     plain = FitNet(s, t, weight=1.0)
-    assert not torch.isclose(plain(s, t, ctx())["loss"], plain(s, t2, ctx())["loss"])  # the MSE is not blind to it
+    assert not torch.isclose(plain(s, t, ctx())["hint"], plain(s, t2, ctx())["hint"])  # the MSE is not blind to it
 
 
 def test_spatial_attention_sums_to_hw():

@@ -165,11 +165,12 @@ def test_kd_fade_and_adapter_init_reach_the_loss(teacher, tiny_data, train_kwarg
     t = train("yolov8n.yaml", "fade", {**train_kwargs, "epochs": 2}, data=tiny_data, teacher=teacher,
               method="fitnet+ld", kd_fade=0.5)
     first, last = read_results(t.save_dir)
-    assert first["train/fitnet"] > 0 and last["train/fitnet"] == 0  # 2 epochs, fade 0.5: factors 1, 0
-    assert first["train/ld_cls"] > 0 and last["train/ld_cls"] > 0  # ld is task-scaled: never faded
+    assert first["train/fitnet_hint"] > 0 and last["train/fitnet_hint"] == 0  # 2 epochs, fade 0.5: factors 1, 0
+    for task_scaled in ("train/ld_cls", "train/fitnet_kd"):  # never faded
+        assert first[task_scaled] > 0 and last[task_scaled] > 0
 
     fitted = train("yolov8n.yaml", "lstsq", train_kwargs, data=tiny_data, teacher=teacher, method="fitnet+ld",
                    adapter_init="lstsq")
-    assert read_results(fitted.save_dir)[0]["train/fitnet"] < first["train/fitnet"]  # same data, fitted map
+    assert read_results(fitted.save_dir)[0]["train/fitnet_hint"] < first["train/fitnet_hint"]  # same data, fitted map
     state = torch.load(fitted.wdir / KD_STATE, weights_only=True)["adapters"]
     assert bool(state["adapters_fitted"])  # fitted on the first batch, saved so that a resume does not refit

@@ -1,4 +1,5 @@
-"""Helpers shared by the prediction-guided neck imitations (PDF-Distil, PFI) and Rank Mimicking.
+"""Helpers shared by the prediction-guided neck imitations (PDF-Distil, PFI), Rank Mimicking and the soft-target
+class term of `ld` and `fitnet`.
 
 PDF-Distil and PFI have the same shape: a per-position weight map w_l computed from the two models' class
 predictions, times the channel-mean squared gap between the teacher's neck feature and the 1x1-adapted student's,
@@ -62,3 +63,16 @@ def binary_kl(z_t: torch.Tensor, z_s: torch.Tensor) -> torch.Tensor:
     A sigmoid head's nc outputs are independent Bernoullis, so this, not a softmax KL, compares two of them."""
     p_t = z_t.sigmoid()
     return p_t * (F.logsigmoid(z_t) - F.logsigmoid(z_s)) + (1 - p_t) * (F.logsigmoid(-z_t) - F.logsigmoid(-z_s))
+
+
+def soft_class_kd(z_t: torch.Tensor, z_s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Soft-target knowledge distillation (Hinton et al., 2015, arXiv:1503.02531) for a dense sigmoid head.
+
+    Scores (B, nc, A) as logits. Returns (loss, w, n): loss = sum_{b,c,a} KL(Bern(p_t) || Bern(p_s)) / n, with
+    w_{b,a} = max_c p_t the teacher's confidence (detached) and n = max(sum w, 1), the soft analogue of
+    Ultralytics' `target_scores_sum`, so the loss has the scale of the task's BCE cls loss (its gradient w.r.t.
+    z_s is (p_s - p_t) / n, the BCE's with the teacher's probabilities as targets)."""
+    with torch.no_grad():
+        w = z_t.sigmoid().amax(1)
+        n = w.sum().clamp_min(1.0)
+    return binary_kl(z_t, z_s).sum() / n, w, n

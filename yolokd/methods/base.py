@@ -72,7 +72,8 @@ class DistillMethod(nn.Module):
     taps: ClassVar[frozenset[str]] = frozenset()
     needs_teacher: ClassVar[bool] = True
     uses_args: ClassVar[tuple[str, ...]] = ()  # top-level train arguments it takes as keywords (e.g. cls_teacher)
-    task_scaled: ClassVar[bool] = False  # True: terms normalised like Ultralytics' own losses; kd_max_ratio skips them
+    # True: terms normalised like Ultralytics' own losses, which kd_max_ratio skips; or the names of such terms
+    task_scaled: ClassVar[bool | frozenset[str]] = False
     teacher_assigns: bool = False  # True: the student's task loss is assigned from the teacher's predictions (LAD)
     choices: ClassVar[dict[str, tuple[str, ...]]] = {}  # {string hyper-parameter: allowed values}, see check_inputs
     aligned: ClassVar[dict[str, str]] = {}  # {aligner ModuleList attribute: Features field it maps}, for fit_adapters
@@ -180,9 +181,12 @@ class MethodSet(nn.Module):
         return set().union(*(m.taps for m in self.methods.values()))
 
     def task_scaled_columns(self, terms: dict[str, torch.Tensor]) -> frozenset[str]:
-        """The columns of `terms` (a `forward` output) that come from `task_scaled` methods."""
-        names = [n for n, m in self.methods.items() if m.task_scaled]
-        return frozenset(k for k in terms if any(k == n or k.startswith(f"{n}_") for n in names))
+        """The columns of `terms` (a `forward` output) that come from `task_scaled` methods or terms."""
+        def scaled(column: str, name: str, flag: bool | frozenset[str]) -> bool:
+            if flag is True:
+                return column == name or column.startswith(f"{name}_")
+            return bool(flag) and column in {f"{name}_{k}" for k in flag}
+        return frozenset(k for k in terms if any(scaled(k, n, m.task_scaled) for n, m in self.methods.items()))
 
     def forward(self, s: Features, t: Features | None, ctx: StepContext) -> dict[str, torch.Tensor]:
         """All terms as `{column: weighted scalar}`: `<method>_<term>`, or `<method>` for a one-term method."""

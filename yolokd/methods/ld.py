@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from yolokd.methods._common import binary_kl, prepare
+from yolokd.methods._common import prepare, soft_class_kd
 from yolokd.methods.base import DistillMethod, StepContext, check_choice, register
 from yolokd.taps import Features
 
@@ -66,10 +66,7 @@ class DensePredictionKD(DistillMethod):
     def forward(self, s: Features, t: Features, ctx: StepContext) -> dict[str, torch.Tensor]:
         s, t = prepare(s, t)
         b, _, a = s.scores.shape
-        with torch.no_grad():
-            w = t.scores.sigmoid().amax(1)  # (B, A) teacher confidence
-            norm = w.sum().clamp_min(1.0)
-        cls = binary_kl(t.scores, s.scores).sum() / norm
+        cls, w, norm = soft_class_kd(t.scores, s.scores)  # w: (B, A) teacher confidence
         reg_max = s.boxes.shape[1] // 4
         if reg_max > 1 and t.boxes.shape[1] == s.boxes.shape[1]:
             per_edge = edge_kl(t.boxes.view(b, 4, reg_max, a), s.boxes.view(b, 4, reg_max, a), self.tau)
