@@ -138,7 +138,7 @@ def test_projector_option_builds_branches(method):
     ms = MethodSet([method], s, t, type("Args", (), args))
     assert all(isinstance(a, torch.nn.Sequential) for a in ms.methods[method].align)
     terms = ms.methods[method](s, t, random_case(16)[2])
-    (terms["hint"] if method == "fitnet" else terms["loss"]).backward()
+    (terms["ht"] if method == "fitnet" else terms["loss"]).backward()
     assert all(q.grad is not None for q in ms.methods[method].align.parameters())
 
 

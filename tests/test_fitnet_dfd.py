@@ -28,15 +28,15 @@ def test_fitnet_hand_value():
     t = feats([torch.zeros(1, 1, 2, 2)])
     m = FitNet(s, t, weight=1.0)
     assert isinstance(m.align[0], torch.nn.Identity)  # same width: no regressor
-    assert torch.isclose(m(s, t, ctx())["hint"], torch.tensor(7.5))
-    assert torch.isclose(FitNet(s, t, weight=2.0)(s, t, ctx())["hint"], torch.tensor(15.0))
+    assert torch.isclose(m(s, t, ctx())["ht"], torch.tensor(7.5))
+    assert torch.isclose(FitNet(s, t, weight=2.0)(s, t, ctx())["ht"], torch.tensor(15.0))
 
 
 def test_fitnet_adapter_gets_gradient_teacher_none():
     s = feats([torch.randn(2, 3, 4, 4, requires_grad=True)])
     t = feats([torch.randn(2, 5, 4, 4, requires_grad=True)])
     m = FitNet(s, t, weight=1.0)
-    m(s, feats([t.neck[0].detach()]), ctx())["hint"].backward()  # the loss receives teacher tensors detached
+    m(s, feats([t.neck[0].detach()]), ctx())["ht"].backward()  # the loss receives teacher tensors detached
     assert m.align[0].weight.grad.abs().sum() > 0 and s.neck[0].grad.abs().sum() > 0
     assert t.neck[0].grad is None
 
@@ -51,8 +51,8 @@ def test_fitnet_kd_term_hand_value():
     t = Features(neck=neck, scores=torch.zeros(1, 1, 2), boxes=torch.zeros(1, 4, 2), strides=torch.tensor([8.0]),
                  dfl=torch.nn.Identity())
     terms = FitNet(s, t, weight=1.0, kd_weight=2.0)(s, t, ctx())
-    assert terms["hint"].item() == 0 and terms["kd"].item() == pytest.approx(math.log(4 / 3), rel=1e-5)
-    assert set(FitNet(s, t, weight=1.0, kd_weight=0.0)(s, t, ctx())) == {"hint"}  # the hint alone
+    assert terms["ht"].item() == 0 and terms["kd"].item() == pytest.approx(math.log(4 / 3), rel=1e-5)
+    assert set(FitNet(s, t, weight=1.0, kd_weight=0.0)(s, t, ctx())) == {"ht"}  # the hint alone
 
 
 def test_fitnet_hint_stage_then_kd_stage():
@@ -65,7 +65,7 @@ def test_fitnet_hint_stage_then_kd_stage():
     m = FitNet(s, t, weight=1.0, kd_weight=1.0, hint_share=0.5)
     at = [m(s, t, StepContext(batch={"img": torch.zeros(1, 3, 24, 24)}, assign=None, epoch=e, epochs=4))
           for e in range(4)]
-    assert at[0]["hint"] > 0 and torch.equal(at[0]["hint"], at[1]["hint"]) and at[2]["hint"] == at[3]["hint"] == 0
+    assert at[0]["ht"] > 0 and torch.equal(at[0]["ht"], at[1]["ht"]) and at[2]["ht"] == at[3]["ht"] == 0
     assert all(torch.equal(a["kd"], at[0]["kd"]) for a in at)  # the KD term is the same in both stages
 
 
@@ -81,7 +81,7 @@ def test_fitnet_kd_reaches_the_scores_and_the_hint_the_neck_only():
     terms["kd"].backward(retain_graph=True)
     assert s.scores.grad.abs().sum() > 0 and s.neck[0].grad is None and m.align[0].weight.grad is None
     s.scores.grad = None
-    terms["hint"].backward()
+    terms["ht"].backward()
     assert s.scores.grad is None and s.neck[0].grad.abs().sum() > 0 and m.align[0].weight.grad.abs().sum() > 0
 
 
@@ -95,9 +95,9 @@ def test_fitnet_kd_term_escapes_the_cap_and_the_hint_does_not():
     s, t, c = random_case(16)
     ms = MethodSet(["fitnet", "pfi"], s, t, type("Args", (), {**kd_defaults(), "fitnet_kd_weight": 1.0}))
     terms = ms(s, t, c)
-    assert set(terms) == {"fitnet_hint", "fitnet_kd", "pfi"} and ms.task_scaled_columns(terms) == {"fitnet_kd"}
+    assert set(terms) == {"fitnet_ht", "fitnet_kd", "pfi"} and ms.task_scaled_columns(terms) == {"fitnet_kd"}
     out = cap_ratio(terms, torch.tensor(1e-6), 0.25, ms.task_scaled_columns(terms))
-    assert out["fitnet_kd"] is terms["fitnet_kd"] and out["fitnet_hint"] < terms["fitnet_hint"]
+    assert out["fitnet_kd"] is terms["fitnet_kd"] and out["fitnet_ht"] < terms["fitnet_ht"]
 
 
 def test_fitnet_pearson_hand_value():
@@ -105,8 +105,8 @@ def test_fitnet_pearson_hand_value():
     # The standardised maps differ by 2z, so the loss is mean(4 z^2) = 4 (unit variance), i.e. 2 * (1 - r) at r = -1.
     s = feats([torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])])
     t = feats([torch.tensor([[[[4.0, 3.0], [2.0, 1.0]]]])])
-    assert torch.isclose(FitNet(s, t, weight=1.0, pearson=True)(s, t, ctx())["hint"], torch.tensor(4.0), atol=1e-5)
-    assert torch.isclose(FitNet(s, s, weight=1.0, pearson=True)(s, s, ctx())["hint"], torch.tensor(0.0), atol=1e-5)
+    assert torch.isclose(FitNet(s, t, weight=1.0, pearson=True)(s, t, ctx())["ht"], torch.tensor(4.0), atol=1e-5)
+    assert torch.isclose(FitNet(s, s, weight=1.0, pearson=True)(s, s, ctx())["ht"], torch.tensor(0.0), atol=1e-5)
 
 
 def test_fitnet_pearson_ignores_each_channels_scale_and_offset():
@@ -116,9 +116,9 @@ def test_fitnet_pearson_ignores_each_channels_scale_and_offset():
     m = FitNet(s, t, weight=1.0, pearson=True)
     scale, shift = torch.tensor([0.5, 1.0, 50.0]).view(1, 3, 1, 1), torch.tensor([3.0, -2.0, 0.5]).view(1, 3, 1, 1)
     t2 = feats([t.neck[0] * scale + shift])
-    assert torch.isclose(m(s, t, ctx())["hint"], m(s, t2, ctx())["hint"], rtol=1e-4)
+    assert torch.isclose(m(s, t, ctx())["ht"], m(s, t2, ctx())["ht"], rtol=1e-4)
     plain = FitNet(s, t, weight=1.0)
-    assert not torch.isclose(plain(s, t, ctx())["hint"], plain(s, t2, ctx())["hint"])  # the MSE is not blind to it
+    assert not torch.isclose(plain(s, t, ctx())["ht"], plain(s, t2, ctx())["ht"])  # the MSE is not blind to it
 
 
 def test_spatial_attention_sums_to_hw():

@@ -114,7 +114,7 @@ def test_pdf_uniform_disagreement_equals_fitnet():
     t = feats(t_neck, torch.ones(2, 2, 20))  # the same disagreement at every position
     pdf, fit = PDFDistil(s, t, weight=5.0, disagreement="l2"), FitNet(s, t, weight=5.0)
     fit.align.load_state_dict(pdf.align.state_dict())
-    assert torch.isclose(pdf(s, t, ctx(b=2))["loss"], fit(s, t, ctx(b=2))["hint"])
+    assert torch.isclose(pdf(s, t, ctx(b=2))["loss"], fit(s, t, ctx(b=2))["ht"])
 
 
 def test_pdf_rejects_unknown_disagreement():
