@@ -53,18 +53,20 @@ def test_identity_aligner_is_left_alone():
 
 
 def method_set(names, init="lstsq", **overrides):
+    """Methods with 1x1 projectors, the ones least squares fits (the shipped pdf/fitnet branches are not fitted)."""
     s, t, c = random_case(16)
-    return MethodSet(names, s, t, type("Args", (), {**kd_defaults(), "adapter_init": init, **overrides})), s, t, c
+    args = {**kd_defaults(), "adapter_init": init, "pdf_projector": "conv", "fitnet_projector": "conv", **overrides}
+    return MethodSet(names, s, t, type("Args", (), args)), s, t, c
 
 
 @pytest.mark.parametrize("names, path", [
     (["fitnet"], "fitnet.align.0"),
-    (["pdf"], "pdf.align.1"),  # with pdf_projector=conv (the shipped default, branch, is not fitted)
+    (["pdf"], "pdf.align.1"),
     (["dfd"], "dfd.align.2"),
     (["rmpfi"], "rmpfi.pfi.align.0"),  # a method held inside another one is fitted too
 ])
 def test_first_batch_fits_each_aligner_once(names, path):
-    ms, s, t, _ = method_set(names, pdf_projector="conv")
+    ms, s, t, _ = method_set(names)
     conv = ms.methods.get_submodule(path)
     before = conv.weight.detach().clone()
     assert ms.fit_adapters(s, t) is True and bool(ms.adapters_fitted)

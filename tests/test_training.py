@@ -165,14 +165,14 @@ def test_every_method_trains_a_yolo11_student(method, columns, teacher, tiny_dat
 
 def test_kd_fade_and_adapter_init_reach_the_loss(teacher, tiny_data, train_kwargs):
     t = train("yolov8n.yaml", "fade", {**train_kwargs, "epochs": 2}, data=tiny_data, teacher=teacher,
-              method="fitnet+ld", kd_fade=0.5)
+              method="fitnet+ld", kd_fade=0.5, fitnet_projector="conv")
     first, last = read_results(t.save_dir)
     assert first["train/fitnet_ht"] > 0 and last["train/fitnet_ht"] == 0  # 2 epochs, fade 0.5: factors 1, 0
     for task_scaled in ("train/ld_cls", "train/fitnet_kd"):  # never faded
         assert first[task_scaled] > 0 and last[task_scaled] > 0
 
     fitted = train("yolov8n.yaml", "lstsq", train_kwargs, data=tiny_data, teacher=teacher, method="fitnet+ld",
-                   adapter_init="lstsq")
+                   adapter_init="lstsq", fitnet_projector="conv")  # least squares fits 1x1 projectors only
     assert read_results(fitted.save_dir)[0]["train/fitnet_ht"] < first["train/fitnet_ht"]  # same data, fitted map
     state = torch.load(fitted.wdir / KD_STATE, weights_only=True)["adapters"]
     assert bool(state["adapters_fitted"])  # fitted on the first batch, saved so that a resume does not refit
