@@ -95,6 +95,16 @@ def test_pgd_fits_its_head_branch_aligners():
     assert isinstance(ms.methods["pgd"].align_box[0], torch.nn.Identity)
 
 
+def test_lstsq_says_when_it_leaves_a_branch_projector_alone(monkeypatch):
+    from ultralytics.utils import LOGGER
+
+    said = []
+    monkeypatch.setattr(LOGGER, "warning", lambda msg, *a, **k: said.append(msg))
+    ms, s, t, _ = method_set(["pdf", "fitnet"], pdf_projector="branch")
+    assert ms.fit_adapters(s, t) is True
+    assert len(said) == 1 and "pdf.align" in said[0] and "pdf_projector=branch" in said[0]  # fitnet's 1x1: fitted
+
+
 def test_random_init_never_fits_and_resume_does_not_refit():
     ms, s, t, _ = method_set(["fitnet"], init="random")
     w = ms.methods["fitnet"].align[0].weight.detach().clone()

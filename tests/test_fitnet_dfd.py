@@ -69,6 +69,16 @@ def test_fitnet_hint_stage_then_kd_stage():
     assert all(torch.equal(a["kd"], at[0]["kd"]) for a in at)  # the KD term is the same in both stages
 
 
+def test_fitnet_hint_share_must_be_a_share():
+    from yolokd.config import DistillationConfigError
+
+    for ok in (0, 0.5, 1.0, None):
+        FitNet.check_inputs({"fitnet_hint_share": ok}, None)
+    for bad in (4.0, -0.1):
+        with pytest.raises(DistillationConfigError, match=f"fitnet_hint_share={bad} .*from 0 to 1"):
+            FitNet.check_inputs({"fitnet_hint_share": bad}, None)
+
+
 def test_fitnet_kd_reaches_the_scores_and_the_hint_the_neck_only():
     g = torch.Generator().manual_seed(0)
     s = Features(neck=[torch.randn(2, 3, 4, 4, generator=g).requires_grad_()],

@@ -89,8 +89,14 @@ class DistillMethod(nn.Module):
         """Least-squares initialisation of the method's 1x1 aligners (`aligned`), and of those of the methods it
         holds (rmpfi), on one batch (see `fit_aligner`)."""
         for attr, field in self.aligned.items():
-            for align, xs, xt in zip(getattr(self, attr), getattr(s, field), getattr(t, field)):
+            aligners = getattr(self, attr)
+            for align, xs, xt in zip(aligners, getattr(s, field), getattr(t, field)):
                 fit_aligner(align, xs, xt)  # it solves in float64 whatever the features' dtype
+            if any(not isinstance(a, (nn.Conv2d, nn.Identity)) for a in aligners):
+                from ultralytics.utils import LOGGER
+
+                LOGGER.warning(f"adapter_init=lstsq fits 1x1 projectors only: {self.name}.{attr} are branches "
+                               f"({self.name}_projector=branch) and keep their random initialisation.")
         for child in self.children():
             if isinstance(child, DistillMethod):
                 child.fit_adapters(s, t)
