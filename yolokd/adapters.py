@@ -34,7 +34,7 @@ def level_aligners(student: list[torch.Tensor], teacher: list[torch.Tensor], pro
 
 
 @torch.no_grad()
-def fit_aligner(align: nn.Module, student: torch.Tensor, teacher: torch.Tensor, ridge: float = 1.0) -> None:
+def fit_aligner(align: nn.Module, student: torch.Tensor, teacher: torch.Tensor, ridge: float = 1.0) -> bool:
     """Set a 1x1 aligner to the ridge least-squares map from student to teacher features of one batch.
 
     Every position of `student` (B, C_s, H, W) and `teacher` (B, C_t, H, W) is one sample: W, b minimise
@@ -42,9 +42,10 @@ def fit_aligner(align: nn.Module, student: torch.Tensor, teacher: torch.Tensor, 
     A randomly initialised aligner makes the first few hundred steps of an imitation loss push the student towards a
     random projection of the teacher; fitted, the residual it leaves is what the student's features cannot yet
     express linearly, which is the signal an imitation loss is meant to carry. An `nn.Identity` is left alone.
+    Returns False when `align` is neither (a `branch` projector), which keeps its random initialisation.
     """
     if not isinstance(align, nn.Conv2d):
-        return
+        return isinstance(align, nn.Identity)
     x = student.detach().double().permute(0, 2, 3, 1).reshape(-1, student.shape[1])
     y = teacher.detach().double().permute(0, 2, 3, 1).reshape(-1, teacher.shape[1])
     mx, my = x.mean(0), y.mean(0)
@@ -54,3 +55,4 @@ def fit_aligner(align: nn.Module, student: torch.Tensor, teacher: torch.Tensor, 
     w = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device), xc.T @ yc)
     align.weight.copy_(w.T.reshape(align.weight.shape).to(align.weight.dtype))
     align.bias.copy_((my - mx @ w).to(align.bias.dtype))
+    return True

@@ -23,6 +23,7 @@ from typing import ClassVar
 
 import torch
 from torch import nn
+from ultralytics.utils import LOGGER
 
 from yolokd.adapters import fit_aligner
 from yolokd.config import DistillationConfigError, closest, method_hparams
@@ -89,12 +90,9 @@ class DistillMethod(nn.Module):
         """Least-squares initialisation of the method's 1x1 aligners (`aligned`), and of those of the methods it
         holds (rmpfi), on one batch (see `fit_aligner`)."""
         for attr, field in self.aligned.items():
-            aligners = getattr(self, attr)
-            for align, xs, xt in zip(aligners, getattr(s, field), getattr(t, field)):
-                fit_aligner(align, xs, xt)  # it solves in float64 whatever the features' dtype
-            if any(not isinstance(a, (nn.Conv2d, nn.Identity)) for a in aligners):
-                from ultralytics.utils import LOGGER
-
+            fitted = [fit_aligner(align, xs, xt)  # it solves in float64 whatever the features' dtype
+                      for align, xs, xt in zip(getattr(self, attr), getattr(s, field), getattr(t, field))]
+            if not all(fitted):
                 LOGGER.warning(f"adapter_init=lstsq fits 1x1 projectors only: {self.name}.{attr} are branches "
                                f"({self.name}_projector=branch) and keep their random initialisation.")
         for child in self.children():
@@ -188,11 +186,13 @@ class MethodSet(nn.Module):
 
     def task_scaled_columns(self, terms: dict[str, torch.Tensor]) -> frozenset[str]:
         """The columns of `terms` (a `forward` output) that come from `task_scaled` methods or terms."""
-        def scaled(column: str, name: str, flag: bool | frozenset[str]) -> bool:
-            if flag is True:
-                return column == name or column.startswith(f"{name}_")
-            return bool(flag) and column in {f"{name}_{k}" for k in flag}
-        return frozenset(k for k in terms if any(scaled(k, n, m.task_scaled) for n, m in self.methods.items()))
+        columns = set()
+        for n, m in self.methods.items():
+            if m.task_scaled is True:
+                columns |= {k for k in terms if k == n or k.startswith(f"{n}_")}
+            elif m.task_scaled:
+                columns |= {f"{n}_{k}" for k in m.task_scaled} & terms.keys()
+        return frozenset(columns)
 
     def forward(self, s: Features, t: Features | None, ctx: StepContext) -> dict[str, torch.Tensor]:
         """All terms as `{column: weighted scalar}`: `<method>_<term>`, or `<method>` for a one-term method."""

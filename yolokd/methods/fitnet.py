@@ -26,8 +26,8 @@ from __future__ import annotations
 import torch
 
 from yolokd.adapters import PROJECTORS, level_aligners
-from yolokd.methods._common import prepare, soft_class_kd
 from yolokd.config import DistillationConfigError
+from yolokd.methods._common import prepare, soft_class_kd
 from yolokd.methods.base import DistillMethod, StepContext, check_choice, register
 from yolokd.taps import Features
 
