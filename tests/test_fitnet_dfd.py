@@ -106,7 +106,7 @@ def test_fitnet_kd_term_escapes_the_cap_and_the_hint_does_not():
     ms = MethodSet(["fitnet", "pfi"], s, t, type("Args", (), {**kd_defaults(), "fitnet_kd_weight": 1.0}))
     terms = ms(s, t, c)
     assert set(terms) == {"fitnet_ht", "fitnet_kd", "pfi"} and ms.task_scaled_columns(terms) == {"fitnet_kd"}
-    out = cap_ratio(terms, torch.tensor(1e-6), 0.25, ms.task_scaled_columns(terms))
+    out, _ = cap_ratio(terms, torch.tensor(1e-6), 0.25, ms.task_scaled_columns(terms))
     assert out["fitnet_kd"] is terms["fitnet_kd"] and out["fitnet_ht"] < terms["fitnet_ht"]
 
 
@@ -213,23 +213,24 @@ def test_kd_max_ratio_caps_but_never_boosts():
     from yolokd.criterion import cap_ratio
 
     a, b = torch.tensor(3.0, requires_grad=True), torch.tensor(1.0, requires_grad=True)
-    capped = cap_ratio({"a": a, "b": b}, task=torch.tensor(8.0), max_ratio=0.25)  # cap = 2, kd = 4 -> x 0.5
+    capped, scale = cap_ratio({"a": a, "b": b}, task=torch.tensor(8.0), max_ratio=0.25)  # cap = 2, kd = 4 -> x 0.5
     assert torch.isclose(capped["a"], torch.tensor(1.5)) and torch.isclose(capped["b"], torch.tensor(0.5))
     capped["a"].backward()
     assert torch.isclose(a.grad, torch.tensor(0.5))  # the factor is a constant: gradients scale, directions stay
-    same = cap_ratio({"a": a, "b": b}, task=torch.tensor(8.0), max_ratio=1.0)  # kd 4 <= 8: untouched
+    same, unbound = cap_ratio({"a": a, "b": b}, task=torch.tensor(8.0), max_ratio=1.0)  # kd 4 <= 8: untouched
     assert torch.equal(same["a"], a) and torch.equal(same["b"], b)
-    assert cap_ratio({"a": a}, task=torch.tensor(0.1), max_ratio=0.0)["a"] is a  # 0 = off
+    assert scale == 0.5 and unbound == 1  # the scale factor the criterion logs as kd_scale
+    assert cap_ratio({"a": a}, task=torch.tensor(0.1), max_ratio=0.0)[0]["a"] is a  # 0 = off
 
 
 def test_kd_max_ratio_leaves_task_scaled_terms_alone():
     from yolokd.criterion import cap_ratio
 
     terms = {"dfd_hd": torch.tensor(3.0), "dfd_ld": torch.tensor(1.0), "ld_cls": torch.tensor(5.0)}
-    out = cap_ratio(terms, task=torch.tensor(8.0), max_ratio=0.25, exempt=frozenset({"ld_cls"}))
+    out, _ = cap_ratio(terms, task=torch.tensor(8.0), max_ratio=0.25, exempt=frozenset({"ld_cls"}))
     assert out["ld_cls"] is terms["ld_cls"]  # not counted, not scaled
     assert out["dfd_hd"].item() == pytest.approx(1.5) and out["dfd_ld"].item() == pytest.approx(0.5)  # 4 -> 2
-    assert cap_ratio({"ld_cls": torch.tensor(50.0)}, torch.tensor(1.0), 0.25, frozenset({"ld_cls"}))["ld_cls"] == 50
+    assert cap_ratio({"ld_cls": torch.tensor(50.0)}, torch.tensor(1.0), 0.25, frozenset({"ld_cls"}))[0]["ld_cls"] == 50
 
 
 def test_kd_fade_schedule():
@@ -245,10 +246,10 @@ def test_kd_fade_scales_capped_terms_only():
     from yolokd.criterion import cap_ratio
 
     terms = {"dfd_hd": torch.tensor(3.0), "dfd_ld": torch.tensor(1.0), "ld_cls": torch.tensor(5.0)}
-    out = cap_ratio(terms, task=torch.tensor(8.0), max_ratio=0.25, exempt=frozenset({"ld_cls"}), weight=0.5)
+    out, _ = cap_ratio(terms, task=torch.tensor(8.0), max_ratio=0.25, exempt=frozenset({"ld_cls"}), weight=0.5)
     assert out["ld_cls"] is terms["ld_cls"]  # exempt methods are never faded
     assert out["dfd_hd"].item() == pytest.approx(0.75) and out["dfd_ld"].item() == pytest.approx(0.25)  # cap, then x 0.5
-    no_cap = cap_ratio({"a": torch.tensor(2.0)}, task=torch.tensor(1.0), max_ratio=0.0, weight=0.25)
+    no_cap, _ = cap_ratio({"a": torch.tensor(2.0)}, task=torch.tensor(1.0), max_ratio=0.0, weight=0.25)
     assert no_cap["a"].item() == pytest.approx(0.5)  # the fade acts without the cap too
 
 

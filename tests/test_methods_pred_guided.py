@@ -134,25 +134,31 @@ def test_pfi_hand_value(faithful, detach):
     t = feats([torch.tensor([[[[1.0, 3.0]]]]), torch.full((1, 1, 1, 1), 2.0)], zt)
     if faithful:  # Eq. 9: mean_hw (P_dif * F_dif)^2 per level, mean over levels
         expected = ((0.01 * 1) ** 2 + (0.04 * 9) ** 2) / 2 / 2 + (0.09 * 4) ** 2 / 2
-    else:  # w = P_dif / mean(P_dif) over all 3 positions
-        w = [p / (0.14 / 3) for p in (0.01, 0.04, 0.09)]
+    else:  # w = P_dif / c, c = max(mean P_dif = 0.14 / 3, E_t = mean p_t^2 = (0.36 + 0.49 + 0.64) / 3) = E_t
+        w = [p / (1.49 / 3) for p in (0.01, 0.04, 0.09)]
         expected = (w[0] * 1 + w[1] * 9) / 2 / 2 + w[2] * 4 / 2
     m = PFI(s, t, weight=1.5, faithful=faithful, detach=detach)
     assert torch.isclose(m(s, t, ctx())["loss"], torch.tensor(1.5 * expected), rtol=1e-5)
 
 
 def test_pfi_normalisation_is_global_over_the_batch():
-    # Image 2 agrees with the teacher (P_dif = 0): the global mean halves, so image 1's weights double and the
-    # batch mean equals image 1 alone. A per-image normalisation would give half of it.
+    # Image 2's student features equal the teacher's (F_dif = 0), so it adds nothing itself; but its teacher is more
+    # confident, which raises the batch's one normaliser c = max(mean P_dif, E_t) and so lowers image 1's weights.
+    # A per-image normalisation would give exactly half of image 1's loss.
     torch.manual_seed(0)
     zs, zt = torch.randn(1, 3, 20), torch.randn(1, 3, 20)
+    zt2 = zt + 3.0
     ns, nt = [torch.randn(1, 2, 4, 4), torch.randn(1, 2, 2, 2)], [torch.randn(1, 2, 4, 4), torch.randn(1, 2, 2, 2)]
     one = PFI(feats(ns, zs), feats(nt, zt), weight=1.5, faithful=False, detach=False)
     two = lambda x, y: [torch.cat([a, b]) for a, b in zip(x, y)]
-    s2 = feats(two(ns, [torch.randn_like(x) for x in ns]), torch.cat([zs, zt]))
-    t2 = feats(two(nt, [torch.randn_like(x) for x in nt]), torch.cat([zt, zt]))
+    same = [torch.randn_like(x) for x in nt]
+    s2, t2 = feats(two(ns, same), torch.cat([zs, zs])), feats(two(nt, same), torch.cat([zt, zt2]))
+    p1, p2 = (zs.sigmoid() - zt.sigmoid()).pow(2).mean(1), (zs.sigmoid() - zt2.sigmoid()).pow(2).mean(1)
+    c1 = max(p1.mean(), zt.sigmoid().pow(2).mean())
+    c2 = max(torch.cat([p1, p2]).mean(), torch.cat([zt, zt2]).sigmoid().pow(2).mean())
+    assert c2 > c1 * 1.5  # the second image really moves the normaliser
     l1 = one(feats(ns, zs), feats(nt, zt), ctx())["loss"]
-    assert torch.isclose(one(s2, t2, ctx(b=2))["loss"], l1)
+    assert torch.isclose(one(s2, t2, ctx(b=2))["loss"], l1 / 2 * c1 / c2, rtol=1e-5)
 
 
 def test_pfi_zero_when_predictions_agree_and_detached_gap_gives_no_logit_gradient():
@@ -172,26 +178,53 @@ def test_pfi_zero_when_predictions_agree_and_detached_gap_gives_no_logit_gradien
 
 def test_pfi_undetached_gap_trains_the_logits_by_hand():
     # One level of 1x2 positions, nc = 2, F_dif = (1, 9). With `detach=False`, dL/dz_s[c, a] =
-    # beta * F_dif[a] / (HW * mean P_dif) * (2 / nc) * (p_s - p_t) * p_s * (1 - p_s), the normaliser held constant.
+    # beta * F_dif[a] / (HW * c) * (2 / nc) * (p_s - p_t) * p_s * (1 - p_s), the normaliser c held constant:
+    # c = max(mean P_dif = 0.0525, E_t = mean p_t^2 = 0.4775) = E_t.
     zs = torch.zeros(1, 2, 2, requires_grad=True)  # p_s = 0.5 everywhere
     zt = torch.stack([logit(0.6, 0.9), logit(0.7, 0.5)])[None]
     s = feats([torch.zeros(1, 1, 1, 2)], zs)
     t = feats([torch.tensor([[[[1.0, 3.0]]]])], zt)
     (g_z,) = torch.autograd.grad(PFI(s, t, weight=1.5, faithful=False, detach=False)(s, t, ctx())["loss"], [zs])
     pt = torch.tensor([[0.6, 0.9], [0.7, 0.5]])
-    mean_gap = ((0.5 - pt) ** 2).mean(0).mean()
-    expected = 1.5 * torch.tensor([1.0, 9.0]) / (2 * mean_gap) * (2 / 2) * (0.5 - pt) * 0.25
+    assert math.isclose(((0.5 - pt) ** 2).mean(), 0.0525, rel_tol=1e-6) and math.isclose(pt.pow(2).mean(), 0.4775, rel_tol=1e-6)
+    expected = 1.5 * torch.tensor([1.0, 9.0]) / (2 * 0.4775) * (2 / 2) * (0.5 - pt) * 0.25
     assert torch.allclose(g_z[0], expected, rtol=1e-5)
 
 
-def test_pfi_weights_average_one_over_batch_and_levels():
+def test_pfi_weights_average_at_most_one():
+    # With F_dif = 1 everywhere on a single level, the loss is beta * mean(w) = beta * mean(P_dif) / c: beta when the
+    # student's false positives outweigh the teacher (c = mean P_dif), less when it misses part of what the teacher sees.
     torch.manual_seed(0)
     p = prediction_gap(torch.randn(2, 3, 20), torch.randn(2, 3, 20))
     assert p.shape == (2, 20)
-    # with F_dif = 1 everywhere on a single level, the normalised loss is exactly the weight's mean: beta
-    s = feats([torch.zeros(2, 1, 4, 5)], torch.randn(2, 3, 20))
-    t = feats([torch.ones(2, 1, 4, 5)], torch.randn(2, 3, 20))
+    s_neck, t_neck = [torch.zeros(2, 1, 4, 5)], [torch.ones(2, 1, 4, 5)]
+    zt = torch.full((2, 3, 20), -6.0)  # the teacher sees nothing: E_t = sigmoid(-6)^2
+    zs = torch.randn(2, 3, 20) + 2  # the student fires everywhere
+    s, t = feats(s_neck, zs), feats(t_neck, zt)
     assert torch.isclose(PFI(s, t, weight=1.5, faithful=False, detach=False)(s, t, ctx(b=2))["loss"], torch.tensor(1.5))
+    zs = zt + 0.1  # close to the teacher: mean P_dif << E_t
+    s = feats(s_neck, zs)
+    expected = 1.5 * prediction_gap(zs, zt).mean() / zt.sigmoid().pow(2).mean()
+    loss = PFI(s, t, weight=1.5, faithful=False, detach=False)(s, t, ctx(b=2))["loss"]
+    assert torch.isclose(loss, expected, rtol=1e-5) and loss < 0.1
+
+
+def test_pfi_logit_gradient_falls_with_the_gap():
+    # The issue's toy case: the student's logits approach the teacher's, the gap shrinking 100x. The gradient on the
+    # student's logits must shrink with it (it grew 100x when w was normalised by mean P_dif alone) and stay below
+    # beta * max F_dif / (2 C E_t) per anchor, divided by the anchors averaged over.
+    torch.manual_seed(0)
+    zt = torch.randn(2, 3, 20)
+    neck_s, neck_t = [torch.zeros(2, 1, 4, 5)], [torch.randn(2, 1, 4, 5)]
+    norms = []
+    for gap in (1.0, 0.01):
+        zs = (zt + gap * torch.randn(2, 3, 20, generator=torch.Generator().manual_seed(1))).requires_grad_(True)
+        s, t = feats(neck_s, zs), feats(neck_t, zt)
+        (g,) = torch.autograd.grad(PFI(s, t, weight=1.5, faithful=False, detach=False)(s, t, ctx(b=2))["loss"], [zs])
+        bound = 1.5 * neck_t[0].pow(2).max() / (2 * 3 * zt.sigmoid().pow(2).mean()) / 40
+        assert g.abs().max() <= bound
+        norms.append(g.norm())
+    assert norms[1] < norms[0] / 50
 
 
 # ------------------------------------------------------------------------------------------------ Rank Mimicking
@@ -216,7 +249,7 @@ def rm_case():
 
 def rm(weight=4.0, loc_weight=1.0, tau=1.0):
     s, t, _ = rm_case()
-    return RankMimicking(s, t, weight=weight, loc_weight=loc_weight, loc_temperature=tau, scores="logit")
+    return RankMimicking(s, t, weight=weight, loc_weight=loc_weight, loc_temperature=tau, scores="logit", temperature=1.0)
 
 
 def test_rm_boxes_of_hand_case():
@@ -243,7 +276,7 @@ def test_rm_groups_are_per_image():
     s, t = feats([torch.zeros(2, 1, 2, 2)], zs), feats([torch.zeros(2, 1, 2, 2)], zt)
     fg = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0]])
     a = assignment(fg, torch.zeros(2, 4), [[0], [0]], [[[0, 0, 16, 16]], [[0, 0, 16, 16]]])
-    m = RankMimicking(s, t, weight=1.0, loc_weight=0.0, loc_temperature=1.0, scores="logit")
+    m = RankMimicking(s, t, weight=1.0, loc_weight=0.0, loc_temperature=1.0, scores="logit", temperature=1.0)
     expected = (kl(softmax([0, 1]), [0.5, 0.5]) + kl(softmax([0, 3]), [0.5, 0.5])) / 2
     assert torch.isclose(m(s, t, ctx(a, b=2))["cls"], torch.tensor(expected), rtol=1e-5)
 
@@ -255,14 +288,52 @@ def test_rm_prob_scores_rank_sigmoid_probabilities():
     s, t = feats([torch.zeros(1, 1, 1, 2)], zs), feats([torch.zeros(1, 1, 1, 2)], zt)
     a = assignment(torch.tensor([[1, 1]]), torch.zeros(1, 2), [[0]], [[[0, 0, 16, 16]]])
 
-    def cls_term(scores):
-        return RankMimicking(s, t, weight=1.0, loc_weight=0.0, loc_temperature=1.0, scores=scores)(s, t, ctx(a))["cls"]
+    def cls_term(scores, temperature=1.0):
+        return RankMimicking(s, t, weight=1.0, loc_weight=0.0, loc_temperature=1.0, scores=scores,
+                             temperature=temperature)(s, t, ctx(a))["cls"]
 
     assert torch.isclose(cls_term("logit"), torch.tensor(kl([0.5, 0.5], [0.75, 0.25])), rtol=1e-5)  # 0.1438
     e = math.exp(0.25)
     assert torch.isclose(cls_term("prob"), torch.tensor(kl([0.5, 0.5], [e / (e + 1), 1 / (e + 1)])), rtol=1e-5)  # 0.0078
+    # a temperature divides the ranked values: logit at T = 2 ranks (ln 3 / 2, 0), prob at T = 0.1 ranks (7.5, 5)
+    assert torch.isclose(cls_term("logit", 2.0), torch.tensor(kl([0.5, 0.5], softmax([math.log(3) / 2, 0]))), rtol=1e-5)
+    assert torch.isclose(cls_term("prob", 0.1), torch.tensor(kl([0.5, 0.5], softmax([7.5, 5.0]))), rtol=1e-5)
     with pytest.raises(Exception, match="rm_scores='z'"):
-        RankMimicking(s, t, weight=1.0, loc_weight=0.0, loc_temperature=1.0, scores="z")
+        RankMimicking(s, t, weight=1.0, loc_weight=0.0, loc_temperature=1.0, scores="z", temperature=1.0)
+
+
+def test_rm_prob_ranks_are_nearly_inert_without_a_temperature():
+    # The largest rank KL sigmoid probabilities can give on two candidates: the teacher certain of one (p = 1, 0),
+    # the student of the other (0, 1). Softmax of values in [0, 1] stays near uniform, so the KL is at most
+    # (e - 1) / (e + 1) * 1 = 0.46 in the extreme case and about 0.1 for realistic gaps; logits carry the ranking.
+    zs, zt = torch.tensor([[[-9.0, 9.0]]]), torch.tensor([[[9.0, -9.0]]])
+    s, t = feats([torch.zeros(1, 1, 1, 2)], zs), feats([torch.zeros(1, 1, 1, 2)], zt)
+    a = assignment(torch.tensor([[1, 1]]), torch.zeros(1, 2), [[0]], [[[0, 0, 16, 16]]])
+
+    def cls_term(scores):
+        return RankMimicking(s, t, weight=1.0, loc_weight=0.0, loc_temperature=1.0, scores=scores,
+                             temperature=1.0)(s, t, ctx(a))["cls"]
+
+    assert cls_term("prob") < 0.47 < 10 < cls_term("logit")
+
+
+def test_rm_candidates_are_the_positives_of_both_models():
+    # Two anchors are student positives of GT 0 (0, 1); the teacher's assignment makes anchors 1 and 3 positive for
+    # it. The candidates are {0, 1, 3}: anchor 1 counted once, anchor 3 (the teacher's pick, which the student does
+    # not rank as a positive) joins the group. Teacher logits (0, 1, _, 2) -> rank softmax(0, 1, 2); student uniform.
+    zs = torch.zeros(1, 1, 4)
+    zt = torch.tensor([[[0.0, 1.0, 5.0, 2.0]]])
+    s, t = feats([torch.zeros(1, 1, 2, 2)], zs), feats([torch.zeros(1, 1, 2, 2)], zt)
+    student = assignment(torch.tensor([[1, 1, 0, 0]]), torch.zeros(1, 4), [[0]], [[[0, 0, 16, 16]]])
+    teacher = assignment(torch.tensor([[0, 1, 0, 1]]), torch.zeros(1, 4), [[0]], [[[0, 0, 16, 16]]])
+    m = RankMimicking(s, t, weight=1.0, loc_weight=0.0, loc_temperature=1.0, scores="logit", temperature=1.0)
+    alone = m(s, t, StepContext(batch={"img": torch.zeros(1, 3, 16, 16)}, assign=student))["cls"]
+    both = m(s, t, StepContext(batch={"img": torch.zeros(1, 3, 16, 16)}, assign=student, teacher_assign=teacher))
+    assert torch.isclose(alone, torch.tensor(kl(softmax([0, 1]), [0.5, 0.5])), rtol=1e-5)
+    assert torch.isclose(both["cls"], torch.tensor(kl(softmax([0, 1, 2]), [1 / 3] * 3)), rtol=1e-5)
+    # the same assignment twice (LAD: the task assignment is the teacher's) gives the student's groups unchanged
+    same = m(s, t, StepContext(batch={"img": torch.zeros(1, 3, 16, 16)}, assign=student, teacher_assign=student))
+    assert torch.isclose(same["cls"], alone)
 
 
 def test_group_log_softmax_matches_per_group_softmax():
@@ -434,7 +505,7 @@ def test_train_one_epoch_composed(student, micro_data, train_kwargs):
 
     yolo = YOLO(student)
     yolo.train(trainer=DistillationTrainer, teacher="yolov8s.yaml", method="pdf+rm+pfi", data=micro_data,
-               name=f"pred_guided_{student[:-5]}", rm_scores="logit", **train_kwargs)  # prob-space KL rounds to 0
+               name=f"pred_guided_{student[:-5]}", **train_kwargs)
     (row,) = read_results(yolo.trainer.save_dir)
     assert math.isfinite(row["train/kd_loss"]) and row["train/kd_loss"] > 0
     assert all(math.isfinite(row[f"train/{c}"]) for c in ("pdf", "rm_cls", "rm_loc", "pfi"))

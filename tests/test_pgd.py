@@ -199,19 +199,36 @@ def test_normalised_masks_sum_per_image_and_level():
 
 
 def test_tall_thin_box_selects_a_vertical_strip():
-    # (6) An 8 x 200 px box: the in-box anchors form a vertical strip (one P3 column at x = 100, one P4 column at
-    # x = 104), 200 px tall. The authors' anchor-free code reads the points as (y, x): it would find a horizontal row.
+    # (6) An 8 x 200 px box: the in-box anchors form a vertical strip, 200 px tall. Its 8 px width is enlarged to
+    # the assigner's 16 px about x = 102 (94..110): two P3 columns (x = 100, 108) and one P4 column (x = 104). The
+    # authors' anchor-free code reads the points as (y, x): it would find a horizontal row.
     img = 256
     centres, sizes = grid(img)
     gt = gt_of([[[98.0, 20.0, 106.0, 220.0]]])
     inside = inside_boxes(centres, gt)[0, 0]
     xs, ys = centres[inside, 0], centres[inside, 1]
-    assert inside.sum() == 24 + 13  # 24 P3 anchors (y = 28..212), 13 P4 anchors (y = 24..216), no P5 anchor
-    assert set(xs.tolist()) == {100.0, 104.0} and ys.max() - ys.min() > 180
+    assert inside.sum() == 2 * 24 + 13  # 24 P3 anchors per column (y = 28..212), 13 P4 anchors (y = 24..216), no P5
+    assert set(xs.tolist()) == {100.0, 104.0, 108.0} and ys.max() - ys.min() > 180
     t = features(img, boxes_px=gt.boxes[0].expand(1, centres.shape[0], 4))  # IoU 1 everywhere
     (imp, _), bg = pgw_masks(t.scores, t.boxes_xyxy, centres, gt, (0.8, 0.6), topk=30)
     assert (imp[0] > 0).sum() == 30 and inside[imp[0] > 0].all()
     assert torch.equal(bg[0], ~inside)
+
+
+def test_small_box_between_anchor_centres_still_gets_key_regions():
+    # A 6 x 6 px object, x 13..19, y 5..11, holds no anchor centre (P3 centres at 4, 12, 20, ..., P4 at 8, 24, ...,
+    # P5 at 16, 48). Enlarged to 16 x 16 about its centre (x 8..24, y 0..16) as Ultralytics' assigner does, it holds
+    # the four P3 anchors (12|20, 4|12), and PGD's masks give it key regions. A 40 x 40 box is tested as it is.
+    img = 64
+    centres, _ = grid(img)
+    gt = gt_of([[[13.0, 5.0, 19.0, 11.0], [20.0, 20.0, 60.0, 60.0]]])
+    inside = inside_boxes(centres, gt)[0]
+    assert sorted(centres[inside[0]].tolist()) == [[12.0, 4.0], [12.0, 12.0], [20.0, 4.0], [20.0, 12.0]]
+    x, y = centres[:, 0], centres[:, 1]
+    assert torch.equal(inside[1], (x > 20) & (x < 60) & (y > 20) & (y < 60))
+    t = features(img, boxes_px=gt.boxes[0, :1].expand(1, centres.shape[0], 4))
+    (i_cls, i_reg), _ = pgw_masks(t.scores, t.boxes_xyxy, centres, gt, (0.8, 0.6), topk=30)
+    assert i_cls[0, inside[0]].gt(0).all() and i_reg[0, inside[0]].gt(0).all()
 
 
 def test_many_boxes_are_fast_and_finite():

@@ -62,11 +62,12 @@ def test_the_hook_only_acts_between_set_and_clear():
 
 def test_the_loss_hooks_the_assigner_only_when_asked_and_clears_after_each_step():
     *_, crit = run("teacher")
-    assert crit.teacher_assignment is not None and crit.teacher_assignment.scores is None  # cleared after the step
+    assert list(crit.teacher_assignment) == ["one2many"]
+    assert crit.teacher_assignment["one2many"].scores is None  # cleared after the step
     crit.remove()
-    assert not crit.task.assigner._forward_pre_hooks
+    assert not crit.task.assigner._forward_pre_hooks and not crit.task.assigner._forward_hooks
     *_, crit = run("student")
-    assert crit.teacher_assignment is None and not crit.task.assigner._forward_pre_hooks
+    assert not crit.teacher_assignment and not crit.task.assigner._forward_pre_hooks
 
 
 def test_unknown_assign_is_refused():

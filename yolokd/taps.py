@@ -6,11 +6,14 @@ What a method can see of a model (student or teacher) after one forward pass, as
 - `scores` (B, nc, A) class logits and `boxes` (B, 4*reg_max, A) raw box distributions, A = sum_l H_l*W_l;
 - `cls_feat` / `box_feat`: outputs of the first block of the class and box branches (`cv3[l][0]`, `cv2[l][0]`),
   captured by forward hooks, only when a method asks for them.
-End-to-end heads (YOLO26) give `{"one2many": ..., "one2one": ...}`; the taps always read `one2many`, whose
-inputs are not detached and which the assigner-based loss trains.
+End-to-end heads (YOLO26) give `{"one2many": ..., "one2one": ...}`. The `Features` of a forward are the one-to-many
+branch's (whose inputs are not detached and which the dense assigner trains), and `Features.one2one` holds the
+one-to-one branch, the head that is deployed: its scores, boxes and branch features, with the one-to-many branch's
+(attached) neck, since Ultralytics feeds the one-to-one head a detached copy of the same maps. The criterion
+distils both branches (`DistillationLoss`).
 
 The student's task-aligned assignment (`Assignment`) is captured by a forward hook on the criterion's assigner,
-so it is never computed twice.
+so it is never computed twice; `assign_like` re-runs the same assigner on other predictions (the teacher's).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ class Features:
     dfl: nn.Module  # the head's own distribution-to-distance decoder (identity for reg_max=1)
     cls_feat: list[torch.Tensor] = field(default_factory=list)
     box_feat: list[torch.Tensor] = field(default_factory=list)
+    one2one: Features | None = None  # end-to-end heads: the one-to-one (deployed) branch, same neck
 
     @functools.cached_property
     def anchors(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,6 +64,7 @@ class Features:
             dfl=self.dfl,
             cls_feat=[x.float() for x in self.cls_feat],
             box_feat=[x.float() for x in self.box_feat],
+            one2one=None if self.one2one is None else self.one2one.float(),
         )
 
 
@@ -77,6 +82,7 @@ class Assignment:
     gt_labels: torch.Tensor  # (B, n, 1)
     gt_bboxes: torch.Tensor  # (B, n, 4)
     mask_gt: torch.Tensor  # (B, n, 1) 1 for real boxes, 0 for padding
+    anchor_points: torch.Tensor | None = None  # (A, 2) anchor centres in pixels, as the assigner received them
 
 
 def head_of(model: nn.Module) -> nn.Module:
@@ -84,10 +90,15 @@ def head_of(model: nn.Module) -> nn.Module:
     return model.model[-1]
 
 
-def one2many(preds) -> dict:
-    """The one-to-many raw prediction dict, whatever the head type and train/eval mode."""
+BRANCHES = ("one2many", "one2one")  # the prediction dicts of an end-to-end head; a plain head has the first only
+
+
+def branch_preds(preds, branch: str = "one2many") -> dict | None:
+    """The raw prediction dict of `branch`, whatever the head type and train/eval mode (None: no such branch)."""
     preds = preds[1] if isinstance(preds, tuple) else preds
-    return preds["one2many"] if "one2many" in preds else preds
+    if "one2many" not in preds:
+        return preds if branch == "one2many" else None
+    return preds.get(branch)
 
 
 class _Recorder:
@@ -103,6 +114,14 @@ class _Recorder:
         self.store.setdefault(self.key, {})[self.index] = output
 
 
+def _assignment(args, output) -> Assignment:
+    """An `Assignment` from a `TaskAlignedAssigner` call's arguments and outputs."""
+    _, target_bboxes, target_scores, fg_mask, target_gt_idx = output
+    anchor_points, gt_labels, gt_bboxes, mask_gt = args[2:6]
+    return Assignment(fg_mask.bool(), target_gt_idx, target_bboxes, target_scores, gt_labels, gt_bboxes, mask_gt,
+                      anchor_points)
+
+
 class _AssignmentRecorder:
     """Forward hook on a `TaskAlignedAssigner`: keeps its inputs' ground truth and its outputs."""
 
@@ -110,9 +129,22 @@ class _AssignmentRecorder:
         self.last: Assignment | None = None
 
     def __call__(self, module, args, output):
-        _, target_bboxes, target_scores, fg_mask, target_gt_idx = output
-        gt_labels, gt_bboxes, mask_gt = args[3], args[4], args[5]
-        self.last = Assignment(fg_mask.bool(), target_gt_idx, target_bboxes, target_scores, gt_labels, gt_bboxes, mask_gt)
+        self.last = _assignment(args, output)
+
+
+def predictions_for_assigner(f: Features) -> tuple[torch.Tensor, torch.Tensor]:
+    """What Ultralytics' loss hands the assigner, from `f`: class probabilities (B, A, nc) and decoded boxes
+    (B, A, 4) xyxy in pixels, detached."""
+    return f.scores.detach().sigmoid().permute(0, 2, 1), f.boxes_xyxy.detach()
+
+
+@torch.no_grad()
+def assign_like(assigner: nn.Module, f: Features, like: Assignment) -> Assignment:
+    """The assignment `assigner` makes from the predictions of `f` (e.g. the teacher's), for the anchors and ground
+    truth of `like` (a recorded assignment). It calls `forward` directly, so no yolokd hook sees or changes it."""
+    scores, boxes = predictions_for_assigner(f)
+    args = (scores, boxes.to(like.gt_bboxes.dtype), like.anchor_points, like.gt_labels, like.gt_bboxes, like.mask_gt)
+    return _assignment(args, assigner.forward(*args))
 
 
 class _TeacherAssignment:
@@ -131,8 +163,7 @@ class _TeacherAssignment:
 
     def set(self, teacher: Features) -> None:
         """Take the teacher's fp32 features of this step (`DistillationLoss` converts them once)."""
-        self.scores = teacher.scores.detach().sigmoid().permute(0, 2, 1)
-        self.boxes = teacher.boxes_xyxy.detach()
+        self.scores, self.boxes = predictions_for_assigner(teacher)
 
     def clear(self) -> None:
         self.scores = self.boxes = None
@@ -151,26 +182,30 @@ class Taps:
 
     def __init__(self, model: nn.Module, wanted: set[str] = frozenset()):
         self.head = head_of(model)
-        self._store: dict[str, dict[int, torch.Tensor]] = {}
+        self._store: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
         self._handles = []
         for tap in sorted(wanted & set(BRANCH_TAPS)):
-            for i, branch in enumerate(getattr(self.head, BRANCH_TAPS[tap])):
-                self._handles.append(branch[0].register_forward_hook(_Recorder(self._store, tap, i)))
+            for branch, prefix in (("one2many", ""), ("one2one", "one2one_")):
+                for i, block in enumerate(getattr(self.head, prefix + BRANCH_TAPS[tap], None) or []):
+                    self._handles.append(block[0].register_forward_hook(_Recorder(self._store, (branch, tap), i)))
 
     def collect(self, preds) -> Features:
         """Features of the forward pass that produced `preds` (train- or eval-mode output of the model)."""
-        p = one2many(preds)
-        branch = {k: [v[i] for i in sorted(v)] for k, v in self._store.items()}
+        taps = {k: [v[i] for i in sorted(v)] for k, v in self._store.items()}
         self._store.clear()
-        return Features(
-            neck=list(p["feats"]),
-            scores=p["scores"],
-            boxes=p["boxes"],
-            strides=self.head.stride,
-            dfl=self.head.dfl,
-            cls_feat=branch.get("cls_feat", []),
-            box_feat=branch.get("box_feat", []),
-        )
+        p = branch_preds(preds, "one2many")
+        neck = list(p["feats"])
+
+        def features(branch: str, p: dict) -> Features:
+            return Features(neck=neck, scores=p["scores"], boxes=p["boxes"], strides=self.head.stride,
+                            dfl=self.head.dfl, cls_feat=taps.get((branch, "cls_feat"), []),
+                            box_feat=taps.get((branch, "box_feat"), []))
+
+        out = features("one2many", p)
+        o2o = branch_preds(preds, "one2one")
+        if o2o is not None:
+            out.one2one = features("one2one", o2o)
+        return out
 
     def remove(self):
         """Detach every hook this object registered."""
@@ -179,9 +214,12 @@ class Taps:
         self._handles.clear()
 
 
-def assigner_of(criterion) -> nn.Module:
-    """The assigner whose targets train the one-to-many branch (`E2ELoss.one2many` for YOLO26)."""
-    return getattr(criterion, "one2many", criterion).assigner
+def assigner_of(criterion, branch: str = "one2many") -> nn.Module | None:
+    """The assigner whose targets train `branch` (`E2ELoss.one2many` / `.one2one` for YOLO26; a plain criterion
+    has the one-to-many branch only, None for the other)."""
+    if hasattr(criterion, "one2many"):
+        return getattr(criterion, branch).assigner
+    return criterion.assigner if branch == "one2many" else None
 
 
 def strip_taps(model: nn.Module) -> int:

@@ -169,6 +169,7 @@ class DistillationTrainer(DetectionTrainer):
             task, Taps(student, self.kd_methods.taps), self.teacher, self.teacher_taps, self.kd_methods, trainer=self,
             max_ratio=float(getattr(self.args, "kd_max_ratio", 0.0) or 0.0),
             fade=float(getattr(self.args, "kd_fade", 0.0) or 0.0),
+            one2one=bool(getattr(self.args, "kd_one2one", True)),
         )
 
     # ---------------------------------------------------------------- step, save, resume

@@ -58,6 +58,8 @@ class StepContext:
     assign: Assignment | None  # the student's task-aligned assignment (None outside training steps)
     epoch: int = 0
     epochs: int = 1
+    teacher_assign: Assignment | None = None  # the same assigner on the teacher's predictions (needs_teacher_positives)
+    branch: str = "one2many"  # the head branch the features and assignments are of ("one2one": YOLO26's deployed one)
 
     @property
     def img_hw(self) -> tuple[int, int]:
@@ -76,6 +78,8 @@ class DistillMethod(nn.Module):
     # True: terms normalised like Ultralytics' own losses, which kd_max_ratio skips; or the names of such terms
     task_scaled: ClassVar[bool | frozenset[str]] = False
     teacher_assigns: bool = False  # True: the student's task loss is assigned from the teacher's predictions (LAD)
+    needs_teacher_positives: ClassVar[bool] = False  # True: `StepContext.teacher_assign` is filled (Rank Mimicking)
+    head_level: ClassVar[bool] = True  # reads the head's outputs: also run on YOLO26's one-to-one branch (criterion)
     choices: ClassVar[dict[str, tuple[str, ...]]] = {}  # {string hyper-parameter: allowed values}, see check_inputs
     aligned: ClassVar[dict[str, str]] = {}  # {aligner ModuleList attribute: Features field it maps}, for fit_adapters
 
@@ -180,6 +184,11 @@ class MethodSet(nn.Module):
         return any(m.teacher_assigns for m in self.methods.values())
 
     @property
+    def needs_teacher_positives(self) -> bool:
+        """True if a method reads the teacher's assignment (`StepContext.teacher_assign`)."""
+        return any(m.needs_teacher_positives for m in self.methods.values())
+
+    @property
     def taps(self) -> set[str]:
         """Union of the branch taps the methods need."""
         return set().union(*(m.taps for m in self.methods.values()))
@@ -194,10 +203,14 @@ class MethodSet(nn.Module):
                 columns |= {f"{n}_{k}" for k in m.task_scaled} & terms.keys()
         return frozenset(columns)
 
-    def forward(self, s: Features, t: Features | None, ctx: StepContext) -> dict[str, torch.Tensor]:
-        """All terms as `{column: weighted scalar}`: `<method>_<term>`, or `<method>` for a one-term method."""
+    def forward(self, s: Features, t: Features | None, ctx: StepContext,
+                head_only: bool = False) -> dict[str, torch.Tensor]:
+        """All terms as `{column: weighted scalar}`: `<method>_<term>`, or `<method>` for a one-term method
+        (`head_only`: the `head_level` methods' only)."""
         out = {}
         for name, m in self.methods.items():
+            if head_only and not m.head_level:
+                continue
             terms = m(s, t, ctx)
             out.update({name: next(iter(terms.values()))} if len(terms) == 1 else {f"{name}_{k}": v for k, v in terms.items()})
         return out

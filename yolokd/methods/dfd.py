@@ -64,6 +64,7 @@ class DFD(DistillMethod):
     name = "dfd"
     summary = "DFD: MSE on low-disparity regions, MSE through a learnable transform on high-disparity ones (neck)"
     aligned = {"align": "neck"}
+    head_level = False
 
     def __init__(self, student: Features, teacher: Features, *, alpha: float, beta: float, ref_area: int, hidden_cap: int):
         super().__init__()

@@ -7,17 +7,21 @@ against the feature-based methods (and to compose with them, `method=dfd+ld`).
   sigmoid head needs: per anchor and class, the binary KL(Bern(p_t) || Bern(p_s)), p = sigma(z). Its gradient
   w.r.t. z_s is p_s - p_t, exactly Ultralytics' BCE classification loss with the teacher's probabilities in place
   of the assigner's targets.
-- Box term (reg_max > 1): LD (Zheng et al., CVPR 2022, arXiv:2102.12252, Eq. 4-5): for each of the four edges,
-  tau^2 * KL(softmax(d_t / tau) || softmax(d_s / tau)) over the reg_max bins of the box distribution; tau = 10 and
-  weight 0.25 are the LD paper's GFL settings. When either head has reg_max = 1 (YOLO26, no distribution), the box
-  term is the L1 distance between the two models' decoded ltrb distances (grid units, each by its own DFL).
+- Box term (reg_max > 1), after Localization Distillation (LD; Zheng et al., CVPR 2022, arXiv:2102.12252, Eq. 4-5)
+  but not LD as published. What it computes, per anchor a:
+      l_a = (1/4) sum_edges tau^2 * KL(softmax(d_t / tau) || softmax(d_s / tau)),  the KL summed over the reg_max bins
+      L_box = sum_{b,a} w_a * l_a / N,  w_a = max_c p_t (teacher confidence, detached),  N = max(sum_{b,a} w_a, 1)
+  tau = 10 and the weight 0.25 are the values of mmdetection's LD configs for GFL. Differences from LD: (1) the
+  bins are summed, where mmdetection's KL loss averages over them, so at the same weight the term is reg_max (16)
+  times larger per edge; (2) every anchor of P3-P5 counts, weighted by the teacher's confidence, where LD distils
+  the positives (main region) and a "valuable localization region" picked with the ground truth, weighted by the
+  prediction's quality; (3) no ground truth is read. When either head has reg_max = 1 (YOLO26, no distribution),
+  l_a is the mean L1 distance between the two models' decoded ltrb distances (grid units, each by its own DFL).
 
 YOLO adaptation (ours):
-- every anchor of P3-P5 is distilled (dense, like the paper's main + valuable localisation regions together),
-  and each anchor's box term is weighted by the teacher's confidence w_a = max_c p_t (detached), so background
-  anchors, whose boxes mean nothing, barely count;
-- both sums are divided by N = max(sum_{b,a} w_a, 1), the soft analogue of Ultralytics' `target_scores_sum`,
-  so the terms have the scale of the task loss's own cls and dfl terms, whatever the image size or batch;
+- dense: background anchors, whose boxes mean nothing, barely count through w_a;
+- both terms are divided by N = max(sum_{b,a} w_a, 1), the soft analogue of Ultralytics' `target_scores_sum`,
+  so they have the scale of the task loss's own cls and dfl terms, whatever the image size or batch;
 - L = cls_weight * L_cls + box_weight * L_box, logged as the terms "cls" and "box";
 - `assign: teacher` adds Label Assignment Distillation (Nguyen et al., WACV 2022, arXiv:2108.10520): the student's
   own task loss is assigned from the teacher's class scores and boxes instead of its own (yolokd/taps.py,

@@ -59,6 +59,7 @@ class PDFDistil(DistillMethod):
     summary = "PDF-Distil: neck imitation weighted per position by the teacher-student class disagreement"
     aligned = {"align": "neck"}
     choices = {"disagreement": DISAGREEMENTS, "projector": PROJECTORS}
+    head_level = False  # the class scores only weight the neck term (no gradient): read from the one-to-many branch
 
     def __init__(self, student: Features, teacher: Features, *, weight: float, disagreement: str,
                  projector: str = "conv"):

@@ -11,12 +11,17 @@ YOLO adaptation (METHODS.md section 2), the default (`faithful: false`):
 - F = the Detect inputs P3..P5; F_stu passes through a 1x1 adapter (identity when widths match);
 - P = sigmoid of the class logits at the same anchors. Eq. 9 is a loss in both factors, so P_dif keeps its
   gradient (`detach: false`, as in MMRazor's unofficial pgfi.py): where the features differ, the student's class
-  probabilities are pulled towards the teacher's, dL/dP_s ~ 2 (P_s - P_t) F_dif / C. `detach: true` makes P_dif a
-  weight only (METHODS.md's reading); on the 8-epoch CPU profile that left PFI within seed noise (+0.001 over 7
-  seeds) and the gradient through P_dif gives +0.022 (docs/benchmarks.md);
-- w = P_dif / mean(P_dif), the mean (held constant, no gradient) over the batch and every anchor of every level
-  (clamped at 1e-12). Raw probability-space P_dif is ~1e-4, which would leave beta = 1.5 inert; one global mean
-  keeps the contrast between levels and images (unlike PDF-Distil's per-map normalisation) and makes w average 1;
+  probabilities are pulled towards the teacher's, dL/dP_s ~ 2 (P_s - P_t) F_dif / (C c). `detach: true` makes P_dif
+  a weight only (METHODS.md's reading);
+- w = P_dif / c with one detached normaliser for the batch, c = max(mean P_dif, E_t), means over the batch and every
+  anchor of every level, E_t = mean (1/C) sum_c P_tea^c^2: the P_dif of a student that predicts nothing. Raw
+  probability-space P_dif is ~1e-4, which would leave beta = 1.5 inert; one global c keeps the contrast between
+  levels and images (unlike PDF-Distil's per-map normalisation). E_t does not depend on the student, so c cannot
+  shrink with the gap: w is Eq. 9's weight up to a factor set by the teacher, it fades as the student catches up
+  (mean w <= 1), and the gradient on a student logit is at most beta F_dif / (2 C E_t) per anchor and falls with
+  the gap. Normalising by mean P_dif alone (the form before) made it grow as the student approached the teacher:
+  a gap 100x smaller gave a 100x larger gradient. mean P_dif exceeds E_t only while the student's false positives
+  outweigh what the teacher predicts;
 - L = mean_l mean_{b,hw}(w * F_dif): no second square (MMRazor's unofficial pgfi.py does the same).
 `faithful: true` keeps Eq. 9 as written: w = P_dif (no normalisation) and the squared product (P_dif * F_dif)^2.
 """
@@ -38,6 +43,14 @@ def prediction_gap(z_s: torch.Tensor, z_t: torch.Tensor) -> torch.Tensor:
     return (z_s.float().sigmoid() - z_t.float().sigmoid()).pow(2).mean(1)
 
 
+@torch.no_grad()
+def gap_normaliser(p_dif: torch.Tensor, z_t: torch.Tensor) -> torch.Tensor:
+    """The detached scale c = max(mean P_dif, E_t) of the weights w = P_dif / c (see the module docstring), with
+    E_t = mean over images and anchors of (1/C) sum_c sigma(z_t)^2, the P_dif of a student that predicts nothing."""
+    energy = z_t.float().sigmoid().pow(2).mean()
+    return torch.maximum(p_dif.mean(), energy).clamp_min(EPS)
+
+
 @register
 class PFI(DistillMethod):
     name = "pfi"
@@ -52,8 +65,7 @@ class PFI(DistillMethod):
     def forward(self, s: Features, t: Features, ctx: StepContext) -> dict[str, torch.Tensor]:
         s, t = prepare(s, t)
         p_dif = prediction_gap(s.scores.detach() if self.detach else s.scores, t.scores)
-        scale = p_dif.detach().mean().clamp_min(EPS)
-        w = p_dif if self.faithful else p_dif / scale
+        w = p_dif if self.faithful else p_dif / gap_normaliser(p_dif, t.scores)
         gaps = feature_gaps(self.align, s.neck, t.neck)
         power = 2 if self.faithful else 1
         return {"loss": self.weight * level_mean([(wl * g).pow(power) for wl, g in zip(split_levels(w, s.neck), gaps)])}

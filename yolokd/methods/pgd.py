@@ -17,20 +17,24 @@ Losses, per level l, batch mean, following the authors' `pgd_cls.py` / `pgd_reg.
 with dF = F^T - F^S; sums over C, H, W; w_l applies to the cls feature terms only, as in the authors' configs.
 
 Deviations and why:
-- per-image masks. The authors' cls loss unsqueezes an already (N, 1, H, W) mask, so it broadcasts to
-  (N, N, C, H, W): each image's features are weighted by the sum of the masks of all N images on the GPU. That makes
-  the loss depend on batch composition and its scale grow with N; here each image uses its own masks (paper, FGD).
+- per-image masks, and alpha, beta scaled to match. The authors' cls loss unsqueezes an already (N, 1, H, W) mask,
+  so it broadcasts to (N, N, C, H, W): each image's features are weighted by the sum of the masks of all N images
+  on the GPU, N = 4 in their configs (`samples_per_gpu=4`, work_configs/base/1x_setting.py). That makes the loss
+  depend on batch composition; here each image uses its own masks (paper, FGD). But it also made their fg and bg
+  terms about N times the size that alpha and beta give here, relative to the box and attention terms (which are
+  not broadcast). So the defaults are the authors' effective weights, 4x their config: alpha = 4 * 0.04 = 0.16
+  (the background's authors' value becomes 4 * 0.02 = 0.08); gamma and delta are theirs.
 - the spatial-attention term is a sum over H*W; scaling it by ref_area / (H_img W_img) equals the code at 640x640
   and keeps it size-invariant (the other terms already are: masks sum to <= 1, the channel term is a mean).
 - masks: in-box before top-K, no x/y swap, 1 px^2 covariance floor instead of random noise (see `pgd_masks`).
-- YOLO has P3-P5 only, so w_l = 1.0, 1.25, 1.5 (the code's P3-P7 weights go to 2.0). alpha = 0.04 is the authors'
-  value for anchor-free GFL/FCOS students (the paper's "0.4" is a typo); gamma = 1.6 alpha. The
-  cls feature term sums over C_T channels, so its scale follows the teacher's cls width (tuned at C = 256).
+- YOLO has P3-P5 only, so w_l = 1.0, 1.25, 1.5 (the code's P3-P7 weights go to 2.0). 0.04 is the authors' alpha
+  for anchor-free GFL/FCOS students (the paper's "0.4" is a typo); gamma = 1.6 * 0.04. The cls feature term sums
+  over C_T channels, so its scale follows the teacher's cls width (tuned at C = 256).
 - the authors initialise the student's neck and head from the teacher; that needs equal widths and is not done.
 - beta = 0 by default (authors: 0.5 alpha). The background term is FGD's, inherited by PGD; PGD's own contribution,
-  and all its ablations (Tab. 5-7), are about the foreground. On the 8-epoch CPU benchmark the authors' beta left the
-  student below plain on 3/3 seeds (-0.020 mAP50-95); beta = 0 put it above on 3/3 (+0.009). `pgd_beta=0.02` restores
-  the authors' recipe (docs/benchmarks.md).
+  and all its ablations (Tab. 5-7), are about the foreground. On the 8-epoch warm-start CPU benchmark the authors'
+  beta left the student below plain on 3/3 seeds (-0.020 mAP50-95); beta = 0 put it above on 3/3 (+0.009)
+  (docs/experiments.md). `pgd_beta=0.08` restores the authors' recipe.
 """
 
 from __future__ import annotations
@@ -124,6 +128,7 @@ class PGD(DistillMethod):
         super().__init__()
         self.alpha, self.beta, self.gamma, self.delta, self.tau = alpha, beta, gamma, delta, tau
         self.xis, self.topk, self.level_gain, self.ref_area = (xi_cls, xi_reg), int(topk), level_gain, ref_area
+        self.strides = tuple(float(x) for x in student.strides)
         self.align_cls = level_aligners(student.cls_feat, teacher.cls_feat)
         self.align_box = level_aligners(student.box_feat, teacher.box_feat)
 
@@ -134,7 +139,7 @@ class PGD(DistillMethod):
         anchor_points, stride = t.anchors
         (i_cls, i_reg), bg = pgw_masks(
             t.scores, t.boxes_xyxy, anchor_points * stride, ground_truth(ctx.assign, ctx.batch),
-            self.xis, self.topk,
+            self.xis, self.topk, self.strides,
         )
         levels = level_index(sizes, bg.device)
         fg, bg = normalise_per_level(i_cls, levels), normalise_per_level(bg.float(), levels)

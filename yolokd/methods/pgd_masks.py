@@ -11,6 +11,10 @@ Choices (see METHODS.md section 3 and the `pgd` module docstring for the loss si
 - the in-box indicator is applied *before* the top-K, as the paper writes it. The authors' code takes the top-K over
   every anchor and multiplies by the indicator afterwards, and its anchor-free in-box test reads the points as (y, x)
   while they are (x, y); neither is replicated.
+- the in-box test is Ultralytics' own (`TaskAlignedAssigner.select_candidates_in_gts`): a box side shorter than the
+  middle stride (16 px on P3-P5) is enlarged to it about the box centre first, so a small object (about 4 % of them
+  on `data=synthetic` at 160 px fell between anchor centres) still gets key regions, on the anchors the assigner
+  could make positive for it.
 - the authors break the singular covariance of collinear points with U(+-0.05 px) noise on the points; a
   deterministic 1 px^2 floor on the diagonal does the same job (det Sigma >= 1) and keeps masks reproducible.
 - everything is batched over the padded (B, n_max, A) ground-truth layout: no Python loop over boxes or images;
@@ -19,11 +23,13 @@ Choices (see METHODS.md section 3 and the `pgd` module docstring for the loss si
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
 
 from ultralytics.utils.metrics import bbox_iou
+from ultralytics.utils.tal import TaskAlignedAssigner
 
 COV_FLOOR = 1.0  # px^2 added to the diagonal of every fitted covariance
 
@@ -64,11 +70,16 @@ def ground_truth(assign, batch: dict) -> GroundTruth:
     return GroundTruth(labels, boxes, valid)
 
 
-def inside_boxes(centres: torch.Tensor, gt: GroundTruth) -> torch.Tensor:
-    """(B, n, A) bool: anchor centre (A, 2) px, (x, y), strictly inside a valid box (Eq. 1 indicator)."""
-    x, y = centres[:, 0], centres[:, 1]
-    x1, y1, x2, y2 = (gt.boxes[..., i, None] for i in range(4))  # (B, n, 1) each
-    return (x > x1) & (y > y1) & (x < x2) & (y < y2) & gt.valid[..., None]
+@functools.lru_cache(maxsize=None)
+def _assigner(strides: tuple[float, ...]) -> TaskAlignedAssigner:
+    return TaskAlignedAssigner(stride=list(strides))
+
+
+def inside_boxes(centres: torch.Tensor, gt: GroundTruth, strides: tuple[float, ...] = (8.0, 16.0, 32.0)) -> torch.Tensor:
+    """(B, n, A) bool: anchor centre (A, 2) px, (x, y), strictly inside a valid box (Eq. 1 indicator), with the
+    sides of small boxes enlarged to the assigner's minimum about their centre (see the module docstring)."""
+    inside = _assigner(tuple(strides)).select_candidates_in_gts(centres, gt.boxes, gt.valid[..., None])
+    return inside & gt.valid[..., None]
 
 
 def teacher_quality(
@@ -149,6 +160,7 @@ def pgw_masks(
     gt: GroundTruth,
     xis: tuple[float, ...],
     topk: int,
+    strides: tuple[float, ...] = (8.0, 16.0, 32.0),
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Teacher-only PGW masks.
 
@@ -159,11 +171,12 @@ def pgw_masks(
         gt (GroundTruth): padded ground truth.
         xis (tuple[float, ...]): one IoU exponent per wanted mask.
         topk (int): K.
+        strides (tuple[float, ...]): the model's strides, for the in-box test's minimum box side.
 
     Returns:
         ([I_xi (B, A) raw importance for each xi], background (B, A) bool).
     """
-    inside = inside_boxes(centres.float(), gt)
+    inside = inside_boxes(centres.float(), gt, strides)
     qualities = teacher_quality(logits, boxes, gt, inside, xis)
     importance = [key_region_importance(q, centres.float(), topk) for q in qualities]
     return importance, ~inside.any(1)

@@ -9,19 +9,22 @@ s_i (student) and t_i (teacher):
 No code was released by the authors.
 
 YOLO adaptation (METHODS.md section 2):
-- groups = the student's task-aligned positives (fg_mask), keyed by (image, target_gt_idx); the teacher is read at
-  the same anchors (same strides, same input), so both rank the same candidates;
-- cls rank: s_i = sigma(z^s[a_i, c_j]), t_i = sigma(z^t[a_i, c_j]), the classification scores (`scores: prob`,
-  the default). The paper's Eq. 5 takes the softmax of the "classification scores" with no temperature; read as
-  probabilities, both of its ranks (scores and IoUs) live in [0, 1] and have comparable KLs, which its Tab. 4 sums
-  with equal weight, and alpha = 4 gives a small auxiliary term. `scores: logit` (METHODS.md's reading, raw z) makes
-  the class KL ~40x larger: 0.2x the task loss in epoch 1 and -0.019 mAP50-95 at 8 epochs on the CPU profile
-  (docs/benchmarks.md). Student and teacher keep the anchor correspondence (no independent sorting, unlike a later
-  MMRazor version);
+- candidates: for each GT, the anchors the student's task-aligned assignment makes positive for it, together with
+  those the same assigner makes positive on the teacher's predictions (`StepContext.teacher_assign`), keyed by
+  (image, GT). The paper's motivating case (its Fig. 2) is an anchor the teacher ranks first and the student does
+  not; with the student's positives alone that anchor is often not a candidate at all. Under `ld_assign=teacher`
+  (LAD) the task assignment already is the teacher's. Both models are read at the same anchors (same strides, same
+  input), so both rank the same candidates;
+- cls rank (Eq. 5): softmax over the candidates of z / T, z the class logits of the GT's class (`scores: logit`,
+  the default). Softmax is shift-invariant, so logits are what "the classification scores" of a sigmoid head
+  reduce to (MMRazor's unofficial rank_mimic.py also ranks logits); T = `temperature` (1 = the paper, which has
+  none). `scores: prob` ranks sigmoid(z) / T: with T = 1 its values lie in [0, 1], so both distributions are close
+  to uniform and the KL cannot exceed about 0.11 whatever the ranking; it needs a small T to carry a signal.
+  Student and teacher keep the anchor correspondence (no independent sorting, unlike a later MMRazor version);
 - loc rank: u_i = IoU(student box_i, GT_j) with gradient through the box decode (DFL, or raw distances for
   reg_max = 1), v_i = IoU(teacher box_i, GT_j); KL(softmax(v / tau) || softmax(u / tau)), tau = `loc_temperature`
   (1 = the paper). IoUs are clamped to [0, 1] (an inverted reg_max = 1 box, possible early in training, gives 0);
-- both KLs average over the GTs of the batch that have >= 2 positives (a single positive has KL = 0 and would
+- both KLs average over the GTs of the batch that have >= 2 candidates (a single candidate has KL = 0 and would
   only dilute M); a batch without such GTs gives 0 (kept in the graph);
 - L = alpha * (KL_cls + loc_weight * KL_loc), logged as the terms "cls" and "loc"; loc_weight = 0 is the paper's
   cls-only row of Tab. 4;
@@ -36,7 +39,7 @@ from ultralytics.utils.metrics import bbox_iou
 
 from yolokd.methods._common import prepare
 from yolokd.methods.base import DistillMethod, StepContext, check_choice, register
-from yolokd.taps import Features
+from yolokd.taps import Assignment, Features
 
 
 SCORES = ("logit", "prob")  # `rm_scores`: what the class-rank softmax reads
@@ -56,18 +59,33 @@ def group_kl(target: torch.Tensor, student: torch.Tensor, group: torch.Tensor, n
     return torch.zeros(n_groups, device=target.device).index_add(0, group, log_t.exp() * (log_t - log_s))
 
 
+def candidates(student: Assignment, teacher: Assignment | None) -> tuple[torch.Tensor, ...]:
+    """(image, anchor, GT index) of every candidate: the positives of the student's assignment and of the teacher's
+    (same ground truth), an (anchor, GT) pair counted once. Each a (P,) long tensor."""
+    parts = [a for a in (student, teacher) if a is not None]
+    b, anc = torch.cat([a.fg_mask.nonzero() for a in parts]).T
+    gt = torch.cat([a.target_gt_idx[a.fg_mask] for a in parts]).long()
+    if len(parts) > 1:  # drop the pairs both assignments hold
+        n_a, n_gt = student.fg_mask.shape[1], student.gt_bboxes.shape[1]
+        key = torch.unique((b * n_gt + gt) * n_a + anc)
+        b, gt, anc = key // (n_gt * n_a), key // n_a % n_gt, key % n_a
+    return b, anc, gt
+
+
 @register
 class RankMimicking(DistillMethod):
     name = "rm"
-    summary = "Rank Mimicking: KL between teacher and student rankings (class score, IoU) of each GT's positives"
-
+    summary = ("Rank Mimicking: KL between teacher and student rankings (class score, IoU) of each GT's candidates, "
+               "the positives of both models")
     choices = {"scores": SCORES}
+    needs_teacher_positives = True
 
     def __init__(self, student: Features, teacher: Features, *, weight: float, loc_weight: float,
-                 loc_temperature: float, scores: str):
+                 loc_temperature: float, scores: str, temperature: float):
         super().__init__()
         check_choice("rm_scores", scores, SCORES)
         self.weight, self.loc_weight, self.tau, self.scores = weight, loc_weight, loc_temperature, scores
+        self.temperature = temperature
 
     def forward(self, s: Features, t: Features, ctx: StepContext) -> dict[str, torch.Tensor]:
         s, t = prepare(s, t)
@@ -75,8 +93,7 @@ class RankMimicking(DistillMethod):
         zero = {"cls": 0.0 * s.scores.sum(), "loc": 0.0 * s.boxes.sum()}  # keeps the graph whole (DDP)
         if a is None:
             return zero
-        b, anc = a.fg_mask.nonzero(as_tuple=True)  # positive anchors, (P,) each
-        gt = a.target_gt_idx[b, anc].long()
+        b, anc, gt = candidates(a, ctx.teacher_assign)  # (P,) each
         _, group, counts = torch.unique(b * a.gt_bboxes.shape[1] + gt, return_inverse=True, return_counts=True)
         n_valid = (counts >= 2).sum()
         if n_valid == 0:
@@ -86,7 +103,7 @@ class RankMimicking(DistillMethod):
         z_t, z_s = t.scores[b, cls, anc], s.scores[b, cls, anc]
         if self.scores == "prob":
             z_t, z_s = z_t.sigmoid(), z_s.sigmoid()
-        kl_cls = group_kl(z_t, z_s, group, n).sum() / n_valid
+        kl_cls = group_kl(z_t / self.temperature, z_s / self.temperature, group, n).sum() / n_valid
         box_gt = a.gt_bboxes[b, gt].float()
         u = bbox_iou(s.boxes_xyxy[b, anc], box_gt, xywh=False).squeeze(-1).clamp(0, 1)
         v = bbox_iou(t.boxes_xyxy[b, anc], box_gt, xywh=False).squeeze(-1).clamp(0, 1).detach()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from yolokd.config import method_defaults, prefixed
 from yolokd.methods.base import DistillMethod, StepContext, register
 from yolokd.methods.pfi import PFI
 from yolokd.methods.rm import RankMimicking
@@ -20,20 +21,19 @@ from yolokd.taps import Features
 class RMPFI(DistillMethod):
     name = "rmpfi"
     summary = "Rank Mimicking + PFI, the paper's full recipe (takes the rm_* and pfi_* arguments)"
-    uses_args = ("rm_weight", "rm_loc_weight", "rm_loc_temperature", "rm_scores", "pfi_weight", "pfi_faithful",
-                 "pfi_detach")
+    parts = (RankMimicking, PFI)
+    uses_args = tuple(k for part in parts for k in prefixed(part.name, method_defaults(part.name)))
+    needs_teacher_positives = True
 
     @classmethod
     def check_inputs(cls, args: dict, data: dict | None) -> None:
-        RankMimicking.check_inputs(args, data)
+        for part in cls.parts:
+            part.check_inputs(args, data)
 
-    def __init__(self, student: Features, teacher: Features, *, rm_weight: float, rm_loc_weight: float,
-                 rm_loc_temperature: float, rm_scores: str, pfi_weight: float, pfi_faithful: bool,
-                 pfi_detach: bool):
+    def __init__(self, student: Features, teacher: Features, **args):
         super().__init__()
-        self.rm = RankMimicking(student, teacher, weight=rm_weight, loc_weight=rm_loc_weight,
-                                loc_temperature=rm_loc_temperature, scores=rm_scores)
-        self.pfi = PFI(student, teacher, weight=pfi_weight, faithful=pfi_faithful, detach=pfi_detach)
+        self.rm, self.pfi = (part(student, teacher, **{k[len(part.name) + 1:]: v for k, v in args.items()
+                                                      if k.startswith(f"{part.name}_")}) for part in self.parts)
 
     def forward(self, s: Features, t: Features, ctx: StepContext) -> dict[str, torch.Tensor]:
         return {**self.rm(s, t, ctx), "pfi": self.pfi(s, t, ctx)["loss"]}
