@@ -27,6 +27,44 @@ def test_summary_pairs_by_seed_and_computes_gap_closed():
     assert md.splitlines()[-3].endswith("| 1.0 | — |")  # dfd row: no overhead measured here
 
 
+def test_variant_runs_are_paired_with_the_shared_plain_runs_and_the_table_names_its_code():
+    p = Profile(methods=("dfd",), seeds=(0, 1), variant="nocap")
+    assert (p.run_name("dfd", 0), p.run_name("plain", 0)) == ("dfd-nocap_s0", "plain_s0")
+    results = {"teacher": {**rec(0.5), "code": "abc"}, "plain_s0": {**rec(0.2), "code": "abc"},
+               "plain_s1": {**rec(0.3), "code": "abc"}, "dfd-nocap_s0": {**rec(0.25), "kd_scale": 0.5, "code": "abc"},
+               "dfd-nocap_s1": {**rec(0.35), "kd_scale": 0.3, "code": "def"}}
+    rows = {r["student"]: r for r in summarize(p, results)}
+    assert rows["dfd"]["gain"] == pytest.approx([0.05, 0.05]) and rows["dfd"]["kd_scale"] == pytest.approx(0.4)
+    md = markdown(p, results, list(rows.values()), command="yolokd bench variant=nocap")
+    assert md.startswith("`yolokd bench variant=nocap`") and "`abc`, `def` (**runs of several code versions**)" in md
+    assert "| 0.40 |" in md  # the cap's mean scale factor
+    results["dfd-nocap_s1"]["code"] = "abc"
+    assert "several" not in markdown(p, results, list(rows.values()))
+
+
+def test_mean_column_of_results_csv(tmp_path):
+    from yolokd.bench.gains import mean_column
+
+    (tmp_path / "results.csv").write_text("epoch, train/kd_scale, x\n1, 0.5, 3\n2, 0.25, 4\n")
+    assert mean_column(tmp_path, "train/kd_scale") == pytest.approx(0.375)
+    assert math.isnan(mean_column(tmp_path, "train/absent"))
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["profile=scratchh"], "profile=scratchh is not a benchmark profile. Did you mean 'scratch'?"),
+    (["methods=dfd,pgdd"], "Unknown distillation method 'pgdd'"),
+    (["variant=x", "nbs=16"], "variant= shares the plain runs, so it may change yolokd arguments only, not nbs"),
+    (["variant=x", "epochs=3"], "variant= shares the plain runs, so it may change yolokd arguments only, not epochs"),
+])
+def test_bad_bench_arguments_stop_before_any_run(argv, message, tmp_path, capsys):
+    from yolokd.cli import main
+
+    assert main(["bench", f"out={tmp_path / 'b'}", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "b").exists()
+
+
 def test_gap_closed_undefined_when_teacher_not_better():
     p = Profile(methods=("dfd",), seeds=(0,))
     rows = summarize(p, {"teacher": rec(0.2), "plain_s0": rec(0.3), "dfd_s0": rec(0.31)})

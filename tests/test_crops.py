@@ -143,3 +143,12 @@ def test_cmd_crops(det_data, tmp_path, capsys):
         cmd_crops([f"data={det_data}", "padd=0.1"])
     with pytest.raises(SyntaxError, match="data= is required"):
         cmd_crops([])
+
+
+def test_fraction_keeps_the_train_images_ultralytics_trains_on(det_data, tmp_path):
+    # 3 train images sorted a, b, empty: fraction 0.34 -> round(1.02) = 1 image (a), as Ultralytics' fraction= does;
+    # val is never cut.
+    s = make_crops(str(det_data), tmp_path / "crops", fraction=0.34)
+    assert s["images"] == {"train": 1, "val": 1}
+    assert sum(s["counts"]["train"].values()) == 2 and s["counts"]["train"][folder_name("traffic/light")] == 0
+    assert sum(s["counts"]["val"].values()) == 1

@@ -7,19 +7,25 @@ seeds), the paired gain over the plain student, the share of the teacher-student
 `(distilled - plain) / (teacher - plain)`, and the training time per epoch, as Markdown + JSON + a plot.
 
 Every run lives in `out/<run>/`; a finished run leaves `out/<run>/result.json` and is skipped next time, an
-interrupted one (a `weights/last.pt` but no result) is resumed. So re-running the same command continues.
+interrupted one (a `weights/last.pt` but no result) is resumed. So re-running the same command continues. Each
+result records the code version that trained it, and the table names the command and the code version(s) above it,
+so a table stitched from runs of different code versions says so.
 
-    yolokd bench                       # the CPU profile (see PROFILES)
+    yolokd bench profile=scratch       # the main profile: students from scratch, Ultralytics' schedule, 30 epochs
     yolokd bench profile=demo          # the README's quick demo: teacher, plain and ld students, one seed
-    yolokd bench profile=cpu8          # the longer CPU profile: 8 student epochs, 3 seeds
+    yolokd bench                       # the short warm-start CPU profile (see PROFILES)
     yolokd bench profile=gpu data=VOC.yaml device=0
+    yolokd bench profile=scratch methods=dfd,pgd kd_max_ratio=0 variant=nocap   # a yolokd-argument variant
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -46,8 +52,10 @@ class Profile:
     jobs: int = 1  # student runs trained in parallel (Ultralytics uses one CPU thread per process on 2 cores)
     imgsz: int = 128
     batch: int = 16
+    fraction: float = 1.0  # share of the train images every run (teacher, classifier teacher, students) trains on
     device: str = "cpu"
     out: str = "runs/bench"
+    variant: str = ""  # suffix of the distilled runs' names, for a variant of yolokd arguments in the same out folder
     student_args: dict = field(default_factory=dict)  # train arguments of the compared (plain and distilled) runs
     train_args: dict = field(default_factory=dict)  # any other Ultralytics / yolokd train arguments (every run)
 
@@ -56,7 +64,14 @@ class Profile:
         `train_args` (the command line's), then the run's own (`extra`)."""
         args = dict(data=resolve_data(self.data), imgsz=self.imgsz, batch=self.batch, device=self.device, workers=0,
                     plots=False, exist_ok=True, project=str(Path(self.out).resolve()), verbose=False)
+        if self.fraction < 1:
+            args["fraction"] = self.fraction
         return {**args, **(self.student_args if compared else {}), **self.train_args, **extra}
+
+    def run_name(self, method: str, seed: int) -> str:
+        """`plain_s0`, `dfd_s0`, or with a variant `dfd-nocap_s0` (plain runs are shared by every variant)."""
+        tag = f"-{self.variant}" if self.variant and method != "plain" else ""
+        return f"{method}{tag}_s{seed}"
 
 
 # A 4-epoch run with Ultralytics' defaults takes one optimizer step per 64 images (nbs=64) and spends 3 epochs
@@ -65,6 +80,14 @@ class Profile:
 SHORT_SCHEDULE = {"nbs": 16, "warmup_epochs": 1}
 
 PROFILES = {
+    # The main profile, as users train: every student from yolov8n.yaml (no warm start), Ultralytics' own schedule
+    # (nbs=64, 3 warm-up epochs, close_mosaic=10, optimizer=auto), 30 epochs, 3 seeds; the teacher (yolov8s, 60
+    # epochs) and the classifier teacher on the same 480 train images (the first 60 % of data=synthetic), imgsz 128.
+    # About 3 hours on a 2-core CPU with two runs at a time (docs/benchmarks.md gives the measured time).
+    "scratch": Profile(methods=("ultralytics", "ld", "dfd", "pdf", "rm", "pfi", "rmpfi", "pgd", "dicod",
+                                "dfd+ld", "pdf+ld", "rm+ld", "pfi+ld", "rmpfi+ld", "pgd+ld", "dicod+ld"),
+                       seeds=(0, 1, 2), epochs=30, teacher_epochs=60, imgsz=128, fraction=0.6, jobs=2,
+                       out="runs/bench-scratch"),
     # 2-core CPU, about 90 min: warm-started students, two runs at a time (one thread each).
     "cpu": Profile(seeds=(0, 1), epochs=4, teacher_epochs=20,
                    student_init_epochs=10, imgsz=160, jobs=2, student_args=SHORT_SCHEDULE),
@@ -80,6 +103,31 @@ PROFILES = {
     "gpu": Profile(teacher_model="yolov8l.yaml", student_model="yolov8n.yaml", seeds=(0, 1, 2), epochs=100,
                    teacher_epochs=200, imgsz=640, batch=32, device="0", out="runs/bench-gpu"),
 }
+
+
+@functools.lru_cache(maxsize=None)
+def code_version() -> str:
+    """The yolokd code that runs: `git describe` of its source checkout (`-dirty` with uncommitted changes), or the
+    package version when it is not a git checkout."""
+    from yolokd import __version__
+
+    src = Path(__file__).resolve().parents[2]
+    try:
+        out = subprocess.run(["git", "-C", str(src), "describe", "--always", "--dirty", "--abbrev=12"],
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else __version__
+    except (OSError, subprocess.SubprocessError):
+        return __version__
+
+
+def mean_column(run: Path, column: str) -> float:
+    """Mean over the epochs of one results.csv column (NaN when the run did not log it)."""
+    rows = [r.split(",") for r in (run / "results.csv").read_text().strip().splitlines()]
+    head = [h.strip() for h in rows[0]]
+    if column not in head or len(rows) < 2:
+        return math.nan
+    i = head.index(column)
+    return statistics.mean(float(r[i]) for r in rows[1:])
 
 
 def train_run(name: str, model: str, args: dict, detector: bool = True) -> dict:
@@ -112,7 +160,9 @@ def train_run(name: str, model: str, args: dict, detector: bool = True) -> dict:
         "map50": float(metrics.get("metrics/mAP50(B)", 0.0)),
         "top1": float(metrics.get("metrics/accuracy_top1", 0.0)),
         "sec_per_epoch": float(rows[-1].split(",")[1]) / epochs if len(rows) > 1 else (time.time() - t0),
+        "kd_scale": mean_column(run, "train/kd_scale"),  # the cap's mean factor (NaN: never capped)
         "best": str(run / "weights" / "best.pt"),
+        "code": code_version(),
     }
     done.write_text(json.dumps(result, indent=2))
     return result
@@ -129,11 +179,12 @@ def run_all(p: Profile) -> dict:
     cls_teacher = cls_teacher_run(p) if any("dicod" in m.split("+") for m in p.methods) else None
     if cls_teacher:
         results["cls_teacher"] = {"best": cls_teacher}
-    jobs = {f"plain_s{s}": (student, p.run_args(True, epochs=p.epochs, seed=s)) for s in p.seeds}
+    jobs = {p.run_name("plain", s): (student, p.run_args(True, epochs=p.epochs, seed=s)) for s in p.seeds}
     for s in p.seeds:
         for m in p.methods:
             dicod = {"cls_teacher": cls_teacher} if "dicod" in m.split("+") else {}
-            jobs[f"{m}_s{s}"] = (student, p.run_args(True, epochs=p.epochs, seed=s, teacher=teacher, method=m, **dicod))
+            jobs[p.run_name(m, s)] = (student, p.run_args(True, epochs=p.epochs, seed=s, teacher=teacher, method=m,
+                                                           **dicod))
     if p.jobs > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
@@ -165,9 +216,10 @@ def cls_teacher_run(p: Profile) -> str:
 
     crops = Path(p.out).resolve() / "crops"
     if not (crops / MARKER).exists():
-        make_crops(resolve_data(p.data), crops, imgsz=64)
+        make_crops(resolve_data(p.data), crops, imgsz=64, fraction=p.fraction)
     args = p.run_args(epochs=p.cls_teacher_epochs, seed=0, imgsz=64)
     args["data"] = str(crops)
+    args.pop("fraction", None)  # the crops already come from the profile's share of the train images
     return train_run("cls_teacher", "yolov8n-cls.yaml", args, detector=False)["best"]
 
 
@@ -212,16 +264,17 @@ def paired_t(gains: list[float]) -> float:
 
 
 def summarize(p: Profile, results: dict, overhead: dict[str, float] | None = None) -> list[dict]:
-    """One row per student kind: metrics over seeds, the paired comparison with the plain student, and the KD step
-    overhead (`overhead_run`) where measured."""
+    """One row per student kind: metrics over seeds, the paired comparison with the plain student, the cap's mean
+    scale factor (`kd_scale`, where a term was capped) and the KD step overhead (`overhead_run`) where measured."""
     t = results["teacher"]
-    plain = {s: results[f"plain_s{s}"] for s in p.seeds}
+    plain = {s: results[p.run_name("plain", s)] for s in p.seeds}
     rows = []
     for kind in ("plain", *p.methods):
-        recs = {s: results[f"{kind}_s{s}"] for s in p.seeds}
+        recs = {s: results[p.run_name(kind, s)] for s in p.seeds}
         gains = [recs[s]["map50_95"] - plain[s]["map50_95"] for s in p.seeds]
         gaps = [g / (t["map50_95"] - plain[s]["map50_95"]) for g, s in zip(gains, p.seeds)
                 if t["map50_95"] - plain[s]["map50_95"] > 1e-6]
+        scales = [recs[s].get("kd_scale", math.nan) for s in p.seeds]
         rows.append({
             "student": kind,
             "map50_95": [recs[s]["map50_95"] for s in p.seeds],
@@ -231,81 +284,113 @@ def summarize(p: Profile, results: dict, overhead: dict[str, float] | None = Non
             "wins": sum(g > 0 for g in gains),
             "t": paired_t(gains),
             "sec_per_epoch": statistics.mean(recs[s]["sec_per_epoch"] for s in p.seeds),
+            "kd_scale": math.nan if any(math.isnan(x) for x in scales) else statistics.mean(scales),
             "overhead": (overhead or {}).get(kind, math.nan),
         })
     return rows
 
 
-def markdown(p: Profile, results: dict, rows: list[dict]) -> str:
-    """The benchmark table (Markdown), with the setting it was measured in."""
+def code_versions(results: dict) -> list[str]:
+    """The distinct code versions the runs of `results` were trained with ("unrecorded" for older runs)."""
+    return sorted({r.get("code", "unrecorded") for r in results.values() if "map50_95" in r or "top1" in r})
+
+
+def markdown(p: Profile, results: dict, rows: list[dict], command: str | None = None) -> str:
+    """The benchmark table (Markdown): the command and code version(s) that produced it, the setting, the rows."""
     t = results["teacher"]
+    codes = code_versions(results)
     head = (
+        (f"`{command}`\n\n" if command else "")
+        + f"Code: {', '.join(f'`{c}`' for c in codes)}"
+        + (" (**runs of several code versions**)" if len(codes) > 1 else "") + ".\n"
         f"Teacher {p.teacher_model} ({p.teacher_epochs} epochs): mAP50-95 {t['map50_95']:.4f}, mAP50 {t['map50']:.4f}. "
         + (f"Students start from a plain {p.student_model} trained {p.student_init_epochs} epochs (mAP50-95 "
-           f"{results['student_init']['map50_95']:.4f}). " if "student_init" in results else "")
-        + f"Students {p.student_model}, {p.epochs} epochs, imgsz {p.imgsz}, batch {p.batch}, data {p.data}, "
-        f"seeds {list(p.seeds)}, device {p.device}"
+           f"{results['student_init']['map50_95']:.4f}). " if "student_init" in results else
+           f"Students start from {p.student_model} (random init). ")
+        + f"Students {p.student_model}, {p.epochs} epochs, imgsz {p.imgsz}, batch {p.batch}, data {p.data}"
+        + (f" (fraction {p.fraction} of the train images)" if p.fraction < 1 else "")
+        + f", seeds {list(p.seeds)}, device {p.device}"
         + "".join(f", {k}={v}" for k, v in {**p.student_args, **p.train_args}.items()) + ".\n\n"
-        "| student | mAP50-95 | mAP50 | gain vs plain (paired) | wins | paired t | gap closed | s/epoch | KD step overhead |\n"
-        "|---|---|---|---|---|---|---|---|---|\n"
+        "| student | mAP50-95 | mAP50 | gain vs plain (paired) | wins | paired t | gap closed | cap scale | s/epoch "
+        "| KD step overhead |\n"
+        "|---|---|---|---|---|---|---|---|---|---|\n"
     )
     body = ""
     for r in rows:
         base = r["student"] == "plain"
         gain = "—" if base else _mean_std(r["gain"], "+")
         wins = "—" if base else f"{r['wins']}/{len(p.seeds)}"
-        t = "—" if base or math.isnan(r.get("t", math.nan)) else f"{r['t']:.1f}"
+        tt = "—" if base or math.isnan(r.get("t", math.nan)) else f"{r['t']:.1f}"
         gap = "—" if base or math.isnan(r["gap_closed"]) else f"{100 * r['gap_closed']:.1f} %"
+        scale = "—" if math.isnan(r.get("kd_scale", math.nan)) else f"{r['kd_scale']:.2f}"
         over = "—" if math.isnan(r.get("overhead", math.nan)) else f"{r['overhead']:.2f}"
-        body += (f"| {r['student']} | {_mean_std(r['map50_95'])} | {_mean_std(r['map50'])} | {gain} | {wins} | {t} | "
-                 f"{gap} | {r['sec_per_epoch']:.1f} | {over} |\n")
-    foot = ("\npaired t: mean paired gain / its standard error over the seeds (one-sided p < 0.05 needs t > 6.31 "
-            "with 2 seeds, 2.92 with 3, 2.13 with 5). s/epoch: wall time per training epoch, with the profile's "
-            "`jobs` runs sharing the machine. KD step overhead: "
-            "one distillation step / (student step + teacher forward), `yolokd overhead` on the same models "
-            "(1.00 = the KD terms cost nothing beyond running both models).\n")
+        body += (f"| {r['student']} | {_mean_std(r['map50_95'])} | {_mean_std(r['map50'])} | {gain} | {wins} | {tt} | "
+                 f"{gap} | {scale} | {r['sec_per_epoch']:.1f} | {over} |\n")
+    n = len(p.seeds)
+    foot = ("\npaired t: mean paired gain / its standard error over the seeds (one-sided p < 0.05 needs t > "
+            f"{T_ONE_SIDED_5.get(n - 1, math.nan):.2f} with {n} seeds). cap scale: mean over epochs and seeds of "
+            "`kd_scale`, the factor `kd_max_ratio` multiplied the capped terms by (1 = the cap never bound; — = no "
+            "capped term). s/epoch: wall time per training epoch, with the profile's `jobs` runs sharing the "
+            "machine. KD step overhead: one distillation step / (student step + teacher forward), `yolokd "
+            "overhead` on the same models (1.00 = the KD terms cost nothing beyond running both models).\n")
     return head + body + foot
 
 
-def plot(rows: list[dict], teacher_map: float, path: Path) -> None:
-    """Bar chart of mAP50-95 per student kind (mean, with the per-seed points), the teacher as a line."""
+# one-sided 95 % quantile of Student's t by degrees of freedom: the paired t a gain must exceed
+T_ONE_SIDED_5 = {1: 6.31, 2: 2.92, 3: 2.35, 4: 2.13, 5: 2.02, 6: 1.94, 7: 1.89, 8: 1.86, 9: 1.83}
+
+
+def plot(rows: list[dict], seeds: tuple[int, ...], path: Path) -> None:
+    """Paired gain over the plain student per row: one point per seed, the mean as a bar, zero as a line.
+
+    Absolute mAP bars would hide gains of 0.01-0.05 in the spread between seeds; the paired gain removes it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(1.2 * len(rows) + 2, 4))
+    rows = [r for r in rows if r["student"] != "plain"]
+    fig, ax = plt.subplots(figsize=(0.75 * len(rows) + 2, 4))
     for i, r in enumerate(rows):
-        ax.bar(i, statistics.mean(r["map50_95"]), color="tab:gray" if r["student"] == "plain" else "tab:blue")
-        ax.scatter([i] * len(r["map50_95"]), r["map50_95"], color="black", s=10, zorder=3)
-    ax.axhline(teacher_map, color="tab:red", linestyle="--", label="teacher")
-    ax.set_xticks(range(len(rows)), [r["student"] for r in rows], rotation=30)
-    ax.set_ylabel("mAP50-95")
-    ax.legend()
+        mean = statistics.mean(r["gain"])
+        ax.bar(i, mean, color="tab:blue" if mean > 0 else "tab:orange", alpha=0.6)
+        ax.scatter([i] * len(r["gain"]), r["gain"], color="black", s=12, zorder=3)
+    ax.axhline(0.0, color="tab:gray", linewidth=1)
+    ax.set_xticks(range(len(rows)), [r["student"] for r in rows], rotation=40, ha="right")
+    ax.set_ylabel("mAP50-95 gain over plain (paired by seed)")
+    ax.set_title(f"one point per seed ({', '.join(map(str, seeds))}), bar = mean")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def bench(p: Profile) -> Path:
-    """Run (or continue) the benchmark and write `benchmarks.md`, `benchmarks.json` and `benchmarks.png` in out/."""
+def bench(p: Profile, command: str | None = None) -> Path:
+    """Run (or continue) the benchmark and write `benchmarks.md`, `benchmarks.json` and `benchmarks.png` in out/
+    (`command`: the command line, printed above the table)."""
     results = run_all(p)
     rows = summarize(p, results, overhead_run(p, results))
     out = Path(p.out)
-    md = markdown(p, results, rows)
+    md = markdown(p, results, rows, command)
     (out / "benchmarks.md").write_text(md)
-    (out / "benchmarks.json").write_text(json.dumps({"profile": asdict(p), "results": results, "rows": rows}, indent=2))
-    plot(rows, results["teacher"]["map50_95"], out / "benchmarks.png")
+    (out / "benchmarks.json").write_text(json.dumps({"profile": asdict(p), "command": command, "results": results,
+                                                     "rows": rows}, indent=2))
+    plot(rows, p.seeds, out / "benchmarks.png")
     LOGGER.info(f"\n{md}\nWritten to {out.resolve()}/benchmarks.(md|json|png)")
     return out / "benchmarks.md"
 
 
 def cmd_bench(argv: list[str]) -> int:
-    """`yolokd bench [profile=cpu|demo|gpu] [any Profile field=value] [any train argument=value]`."""
+    """`yolokd bench [profile=scratch|cpu|cpu8|demo|gpu] [any Profile field=value] [any train argument=value]`."""
     from yolokd.cli import parse_kv
+    from yolokd.config import DistillationConfigError, closest, split_kd_args
+    from yolokd.methods.base import parse_methods
 
     a = parse_kv(argv)
-    p = PROFILES[a.pop("profile", "cpu")]
+    name = a.pop("profile", "cpu")
+    if name not in PROFILES:
+        raise DistillationConfigError(f"profile={name} is not a benchmark profile.{closest(str(name), list(PROFILES))}"
+                                      f" Profiles: {', '.join(PROFILES)}.")
+    p = PROFILES[name]
     fields = set(Profile.__dataclass_fields__)
     updates = {k: a.pop(k) for k in list(a) if k in fields}
     for k in ("methods", "seeds"):
@@ -314,5 +399,13 @@ def cmd_bench(argv: list[str]) -> int:
             updates[k] = tuple(v.split(",") if isinstance(v, str) else v if isinstance(v, (list, tuple)) else [v])
     if "seeds" in updates:
         updates["seeds"] = tuple(int(s) for s in updates["seeds"])
-    bench(replace(p, **updates, train_args={**p.train_args, **a}))
+    for m in updates.get("methods", ()):
+        parse_methods(m)
+    ultra, _ = split_kd_args(a)
+    changed = [*ultra, *(k for k in updates if k not in {"methods", "seeds", "jobs", "out", "variant", "device"})]
+    if updates.get("variant") and changed:
+        raise DistillationConfigError(
+            f"variant= shares the plain runs, so it may change yolokd arguments only, not {', '.join(changed)}: "
+            "give that change its own out= folder instead.")
+    bench(replace(p, **updates, train_args={**p.train_args, **a}), command=" ".join(["yolokd bench", *argv]))
     return 0

@@ -107,7 +107,8 @@ def _prepare_out(out: Path, names: list[str]) -> None:
             (out / split / n).mkdir(parents=True, exist_ok=True)
 
 
-def make_crops(data: str, out: str | Path, pad: float = 0.0, imgsz: int | None = None, min_size: int = 2) -> dict:
+def make_crops(data: str, out: str | Path, pad: float = 0.0, imgsz: int | None = None, min_size: int = 2,
+               fraction: float = 1.0) -> dict:
     """Write one classification sample per ground-truth object of a YOLO detection dataset (train and val splits).
 
     Args:
@@ -116,6 +117,7 @@ def make_crops(data: str, out: str | Path, pad: float = 0.0, imgsz: int | None =
         pad (float): context added on each side, as a fraction of the box width (height); clamped to the image.
         imgsz (int, optional): resize every crop to imgsz x imgsz (stretched, as DICOD's crop op); None: native size.
         min_size (int): boxes narrower or shorter than this (px, clamped to the image) are skipped and counted.
+        fraction (float): use only the first share of the train images, the ones Ultralytics' `fraction=` trains on.
 
     Returns:
         (dict): `{"out", "names", "counts": {split: {class: n}}, "skipped": {split: n}, "images": {split: n}}`.
@@ -146,6 +148,8 @@ def make_crops(data: str, out: str | Path, pad: float = 0.0, imgsz: int | None =
         if not d.get(split):
             continue
         files = image_files(d[split])
+        if split == "train" and fraction < 1:
+            files = files[: max(1, round(len(files) * fraction))]  # as ultralytics.data.base.BaseDataset selects
         counts, skipped, seen = Counter(), 0, Counter()
         for img_path, lb_path in zip(TQDM(files, desc=f"crops {split}"), img2label_paths([str(f) for f in files])):
             labels = read_labels(Path(lb_path))
