@@ -169,32 +169,37 @@ def train_run(name: str, model: str, args: dict, detector: bool = True) -> dict:
 
 
 def run_all(p: Profile) -> dict:
-    """Teacher once, then plain + each method for each seed. Returns {"teacher": rec, run_name: rec, ...}."""
-    results = {"teacher": train_run("teacher", p.teacher_model, p.run_args(epochs=p.teacher_epochs, seed=0))}
-    teacher = results["teacher"]["best"]
-    student = p.student_model
-    if p.student_init_epochs > 0:  # the usual deployment case: distil into an already (pre)trained student
-        results["student_init"] = train_run("student_init", student, p.run_args(epochs=p.student_init_epochs, seed=0))
-        student = results["student_init"]["best"]
-    cls_teacher = cls_teacher_run(p) if any("dicod" in m.split("+") for m in p.methods) else None
-    if cls_teacher:
-        results["cls_teacher"] = {"best": cls_teacher}
-    jobs = {p.run_name("plain", s): (student, p.run_args(True, epochs=p.epochs, seed=s)) for s in p.seeds}
-    for s in p.seeds:
-        for m in p.methods:
-            dicod = {"cls_teacher": cls_teacher} if "dicod" in m.split("+") else {}
-            jobs[p.run_name(m, s)] = (student, p.run_args(True, epochs=p.epochs, seed=s, teacher=teacher, method=m,
-                                                           **dicod))
-    if p.jobs > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
+    """Teacher once, then plain + each method for each seed. Returns {"teacher": rec, run_name: rec, ...}.
 
-        with ProcessPoolExecutor(p.jobs, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_exit_with_parent) as pool:
-            futures = {name: pool.submit(train_run, name, *job) for name, job in jobs.items()}
-            results.update({name: f.result() for name, f in futures.items()})
-    else:
-        results.update({name: train_run(name, *job) for name, job in jobs.items()})
+    `p.jobs` runs at a time, each in its own process. Runs start as soon as what they need exists: the teacher,
+    the classifier teacher (DICOD) and the plain students (after the warm start, if any) from the beginning, the
+    distilled students once the teachers are trained."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    results = {}
+    with ProcessPoolExecutor(p.jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_exit_with_parent) as pool:
+        teacher_job = pool.submit(train_run, "teacher", p.teacher_model, p.run_args(epochs=p.teacher_epochs, seed=0))
+        dicod = any("dicod" in m.split("+") for m in p.methods)
+        cls_teacher_job = pool.submit(cls_teacher_run, p) if dicod else None
+        student = p.student_model
+        if p.student_init_epochs > 0:  # distil into an already (pre)trained student
+            results["student_init"] = pool.submit(train_run, "student_init", student,
+                                                  p.run_args(epochs=p.student_init_epochs, seed=0)).result()
+            student = results["student_init"]["best"]
+        jobs = {name: pool.submit(train_run, name, student, p.run_args(True, epochs=p.epochs, seed=s))
+                for s in p.seeds for name in [p.run_name("plain", s)]}
+        results["teacher"] = teacher_job.result()
+        cls_teacher = cls_teacher_job.result() if cls_teacher_job else None
+        if cls_teacher:
+            results["cls_teacher"] = {"best": cls_teacher}
+        for s in p.seeds:
+            for m in p.methods:
+                extra = {"cls_teacher": cls_teacher} if "dicod" in m.split("+") else {}
+                args = p.run_args(True, epochs=p.epochs, seed=s, teacher=results["teacher"]["best"], method=m, **extra)
+                jobs[p.run_name(m, s)] = pool.submit(train_run, p.run_name(m, s), student, args)
+        results.update({name: job.result() for name, job in jobs.items()})
     return results
 
 
