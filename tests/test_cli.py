@@ -2,7 +2,8 @@
 
 import pytest
 
-from yolokd.cli import main, parse_kv
+from yolokd.cli import main
+from yolokd.config import parse_kv
 from yolokd.config import kd_defaults, method_cfg_names
 from yolokd.methods import get_method, list_methods
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Callable
 
-from yolokd.config import closest
+from yolokd.config import closest, parse_kv
 
 USAGE = """\
 yolokd: knowledge distillation for Ultralytics YOLO detectors.
@@ -28,19 +28,6 @@ Examples:
   yolokd train model=yolov8n.yaml data=synthetic epochs=30                        # the plain student baseline
   yolokd train resume=True model=runs/detect/train/weights/last.pt               # continue a stopped run
 """
-
-
-def parse_kv(argv: list[str]) -> dict[str, Any]:
-    """`["epochs=3", "imgsz", "=", "128"]` -> `{"epochs": 3, "imgsz": 128}` with Ultralytics' own parsing."""
-    from ultralytics.cfg import merge_equals_args, parse_key_value_pair
-
-    out = {}
-    for a in merge_equals_args(argv):
-        if "=" not in a:
-            raise SyntaxError(f"'{a}' is not a key=value argument (e.g. epochs=10)")
-        k, v = parse_key_value_pair(a)
-        out[k] = v
-    return out
 
 
 def cmd_train(argv: list[str]) -> int:

@@ -4,7 +4,8 @@ One source of truth: `cfg/default.yaml` (teacher, method, ...) and `cfg/methods/
 hyper-parameters). A method key `alpha` in `cfg/methods/dfd.yaml` is the train argument `dfd_alpha`. All of them
 sit in one flat namespace beside Ultralytics' own arguments, so `yolokd train dfd_alpha=3e-5 epochs=10` and
 `YOLO(...).train(trainer=DistillationTrainer, dfd_alpha=3e-5)` work alike, and Ultralytics' `check_dict_alignment`
-rejects a misspelt key with the nearest valid names.
+rejects a misspelt key with the nearest valid names. `parse_kv` reads the command line's `key=value` words for
+every subcommand. Importing this module loads neither torch nor Ultralytics (the CLI's `--help` stays cheap).
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ultralytics.cfg import DEFAULT_CFG_DICT
-from ultralytics.utils import YAML
 
 
 class DistillationConfigError(ValueError):
@@ -33,6 +32,8 @@ def cfg_dir() -> Path:
 
 @functools.lru_cache(maxsize=None)
 def _load_yaml(path: str) -> dict[str, Any]:
+    from ultralytics.utils import YAML
+
     return dict(YAML.load(path) or {})
 
 
@@ -59,6 +60,8 @@ def prefixed(method: str, hparams: dict[str, Any]) -> dict[str, Any]:
 
 def kd_defaults() -> dict[str, Any]:
     """Every yolokd train argument with its default: the top-level keys plus all methods' prefixed keys."""
+    from ultralytics.cfg import DEFAULT_CFG_DICT
+
     out = dict(kd_base_defaults())
     for name in method_cfg_names():
         out.update(prefixed(name, method_defaults(name)))
@@ -70,6 +73,8 @@ def kd_defaults() -> dict[str, Any]:
 
 def full_defaults() -> dict[str, Any]:
     """Ultralytics' defaults extended with yolokd's: the base dict the trainer hands to `get_cfg`."""
+    from ultralytics.cfg import DEFAULT_CFG_DICT
+
     return {**DEFAULT_CFG_DICT, **kd_defaults()}
 
 
@@ -101,6 +106,19 @@ def method_hparams(method: str, args: dict[str, Any] | Any) -> dict[str, Any]:
     """The un-prefixed hyper-parameters of `method` read from train arguments (dict or namespace)."""
     get = args.get if isinstance(args, dict) else lambda k, d: getattr(args, k, d)
     return {k: get(f"{method}_{k}", v) for k, v in method_defaults(method).items()}
+
+
+def parse_kv(argv: list[str]) -> dict[str, Any]:
+    """`["epochs=3", "imgsz", "=", "128"]` -> `{"epochs": 3, "imgsz": 128}` with Ultralytics' own parsing."""
+    from ultralytics.cfg import merge_equals_args, parse_key_value_pair
+
+    out = {}
+    for a in merge_equals_args(argv):
+        if "=" not in a:
+            raise SyntaxError(f"'{a}' is not a key=value argument (e.g. epochs=10)")
+        k, v = parse_key_value_pair(a)
+        out[k] = v
+    return out
 
 
 def closest(name: str, choices: list[str]) -> str:

@@ -533,7 +533,7 @@ def cmd_export(argv: list[str]) -> int:
     if not argv or argv[0] in {"help", "-h", "--help"}:
         print(EXPORT_HELP)
         return 0
-    from yolokd.cli import parse_kv
+    from yolokd.config import parse_kv
 
     args = parse_kv(argv)
     model = args.pop("model", None)

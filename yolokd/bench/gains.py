@@ -386,7 +386,7 @@ def bench(p: Profile, command: str | None = None) -> Path:
 
 def cmd_bench(argv: list[str]) -> int:
     """`yolokd bench [profile=scratch|cpu|cpu8|demo|gpu] [any Profile field=value] [any train argument=value]`."""
-    from yolokd.cli import parse_kv
+    from yolokd.config import parse_kv
     from yolokd.config import DistillationConfigError, closest, split_kd_args
     from yolokd.methods.base import parse_methods
 

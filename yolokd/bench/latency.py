@@ -357,7 +357,7 @@ def cmd_benchmark(argv: list[str]) -> int:
     if not argv or argv[0] in {"help", "-h", "--help"}:
         print(BENCHMARK_HELP)
         return 0
-    from yolokd.cli import parse_kv
+    from yolokd.config import parse_kv
 
     a = parse_kv(argv)
     models = a.pop("models", None) or a.pop("model", None)

@@ -109,7 +109,7 @@ def report(times: dict[str, float]) -> str:
 
 def cmd_overhead(argv: list[str]) -> int:
     """`yolokd overhead model= teacher= methods=a,b imgsz= batch= iters= warmup=`."""
-    from yolokd.cli import parse_kv
+    from yolokd.config import parse_kv
 
     a = parse_kv(argv)
     runnable = [m for m in list_methods() if not getattr(get_method(m), "delegated", False)]

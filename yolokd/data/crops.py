@@ -204,7 +204,7 @@ def _format_summary(s: dict, prefix: str = "crops:") -> str:
 
 def cmd_crops(argv: list[str]) -> int:
     """`yolokd crops data=<yaml|preset> out=<dir> [pad=0.0] [imgsz=] [min_size=2]`: write the object-crop set."""
-    from yolokd.cli import parse_kv
+    from yolokd.config import parse_kv
 
     args = parse_kv(argv)
     allowed = {"data", "out", "pad", "imgsz", "min_size"}
