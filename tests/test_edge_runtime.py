@@ -1,4 +1,5 @@
-"""The torch-free edge runtime (export/yolokd_edge): pieces against Ultralytics, detections against `predict`."""
+"""The torch-free edge runtime (export/yolokd_edge, installed with yolokd): pieces against Ultralytics and torchvision,
+detections against `predict`, provider options, and the CLI in a process without torch."""
 
 from __future__ import annotations
 
@@ -15,17 +16,9 @@ import torch
 
 from test_export import IMGSZ, students, val_images  # noqa: F401  (shared session fixtures)
 
-EXPORT_DIR = Path(__file__).resolve().parents[1] / "export"
-sys.path.insert(0, str(EXPORT_DIR))
+from yolokd_edge.runtime import EdgeDetector, decode_dense, letterbox, nms, scale_boxes, select_providers
 
-from yolokd_edge.runtime import (  # noqa: E402
-    EdgeDetector,
-    decode_dense,
-    letterbox,
-    nms,
-    scale_boxes,
-    select_providers,
-)
+EXPORT_DIR = Path(__file__).resolve().parents[1] / "export"
 
 
 # --------------------------------------------------------------------------------------------- pieces
@@ -43,15 +36,38 @@ def test_letterbox_and_scale_boxes_match_ultralytics(hw, shape):
 
 
 def test_nms_matches_torchvision():
+    """OpenCV's NMS keeps exactly the boxes of Ultralytics' NMS (torchvision's `nms` on boxes offset by
+    class * 7680 px), in the same order, class-aware and agnostic, for boxes partly at negative coordinates and with
+    tied scores (both keep index order). Negative coordinates matter: OpenCV's `NMSBoxesBatched` (and torchvision's
+    `batched_nms`) offset classes by (largest coordinate + 1), which lets classes overlap unless `nms` shifts the
+    boxes first."""
     import torchvision
 
     rng = np.random.default_rng(1)
-    xy = rng.random((300, 2)) * 100
+    xy = rng.random((300, 2)) * 200 - 150
     boxes = np.concatenate([xy, xy + 5 + rng.random((300, 2)) * 40], 1).astype(np.float32)
-    scores = rng.random(300).astype(np.float32)
-    for thr in (0.3, 0.5, 0.7):
-        ref = torchvision.ops.nms(torch.from_numpy(boxes), torch.from_numpy(scores), thr).numpy()
-        np.testing.assert_array_equal(nms(boxes, scores, thr), ref)
+    kept = []
+    for scores in (rng.random(300).astype(np.float32), rng.integers(1, 6, 300).astype(np.float32) / 5):
+        cls = rng.integers(0, 4, 300)
+        for thr in (0.3, 0.5, 0.7):
+            t_boxes, t_scores = torch.from_numpy(boxes), torch.from_numpy(scores)
+            ref = torchvision.ops.nms(t_boxes + torch.from_numpy(cls)[:, None].float() * 7680, t_scores, thr).numpy()
+            np.testing.assert_array_equal(nms(boxes, scores, thr, cls), ref)
+            np.testing.assert_array_equal(nms(boxes, scores, thr), torchvision.ops.nms(t_boxes, t_scores, thr).numpy())
+            kept.append(len(ref))
+    assert kept == [253, 288, 296, 246, 289, 300]  # 300 boxes in: real suppression to compare
+
+
+def test_nms_negative_coordinates_and_zero_area():
+    # two overlapping boxes (IoU 0.38) of different classes far in negative coordinates: both kept
+    boxes = np.array([[-300, -300, -190, -290], [-250, -300, -140, -290]], np.float32)
+    scores = np.array([0.9, 0.8], np.float32)
+    assert nms(boxes, scores, 0.3, np.array([0, 1])).tolist() == [0, 1]
+    assert nms(boxes, scores, 0.3).tolist() == [0]
+    # the one documented difference: two equal zero-area boxes are IoU 1 for OpenCV, 0/0 (kept) for torchvision
+    flat = np.array([[5, 5, 5, 9], [5, 5, 5, 9], [0, 0, 10, 10]], np.float32)
+    assert nms(flat, np.array([0.9, 0.8, 0.7], np.float32), 0.5).tolist() == [0, 2]
+    assert nms(flat[:0], scores[:0], 0.5).tolist() == []
 
 
 def test_decode_dense_hand_made():
@@ -76,6 +92,50 @@ def test_select_providers():
     assert select_providers("cpu", gpu) == cpu
     with pytest.raises(ValueError, match="onnxruntime-gpu"):
         select_providers("tensorrt", cpu)
+    assert select_providers("tensorrt", gpu, fp16=True) == [
+        ("TensorrtExecutionProvider", {"trt_fp16_enable": True}), *gpu[1:]]
+    assert select_providers("auto", gpu, fp16=True, trt_cache="cache/trt") == [
+        ("TensorrtExecutionProvider", {"trt_fp16_enable": True, "trt_engine_cache_enable": True,
+                                       "trt_engine_cache_path": "cache/trt"}), *gpu[1:]]
+    assert select_providers("trt", gpu, trt_cache=Path("c"))[0] == (
+        "TensorrtExecutionProvider", {"trt_engine_cache_enable": True, "trt_engine_cache_path": "c"})
+    for device, available in (("cuda", gpu), ("cpu", gpu), ("auto", cpu)):
+        with pytest.raises(ValueError, match="device=tensorrt"):
+            select_providers(device, available, fp16=True)
+
+
+def test_edge_detector_passes_tensorrt_options(monkeypatch, tmp_path):
+    """What EdgeDetector and the CLI hand to onnxruntime (no GPU here: the session is faked before it is built)."""
+    import onnxruntime as ort
+
+    from yolokd_edge.cli import main
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_session(model, options, providers):
+        seen.append((model, providers))
+        raise Stop
+
+    gpu = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: gpu)
+    monkeypatch.setattr(ort, "InferenceSession", fake_session)
+    cache = tmp_path / "engines"
+    with pytest.raises(Stop):
+        EdgeDetector("m.onnx", device="tensorrt", fp16=True, trt_cache=cache)
+    assert seen == [("m.onnx", [("TensorrtExecutionProvider", {"trt_fp16_enable": True, "trt_engine_cache_enable": True,
+                                                                "trt_engine_cache_path": str(cache)}), *gpu[1:]])]
+    assert cache.is_dir()
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"")
+    with pytest.raises(Stop):
+        main([str(model), "source=x.png", "fp16=True", f"trt_cache={tmp_path / 'c2'}"])
+    assert seen[-1][1][0] == ("TensorrtExecutionProvider", {"trt_fp16_enable": True, "trt_engine_cache_enable": True,
+                                                             "trt_engine_cache_path": str(tmp_path / "c2")})
+    monkeypatch.setattr(ort, "get_available_providers", lambda: gpu[1:])
+    assert main([str(model), "source=x.png", "fp16=True"]) == 2  # refused: no TensorRT provider in this build
 
 
 # --------------------------------------------------------------------------------------------- against predict
@@ -129,7 +189,6 @@ def test_edge_cli_without_torch(students, val_images, tmp_path):  # noqa: F811
     w.release()
     code = (
         "import sys; sys.modules['torch'] = None; sys.modules['ultralytics'] = None\n"
-        f"sys.path.insert(0, {str(EXPORT_DIR)!r})\n"
         "from yolokd_edge.cli import main\n"
         "rc = main(sys.argv[1:])\n"
         "assert not [m for m in sys.modules if m.split('.')[0] in {'torch', 'ultralytics'} and sys.modules[m]]\n"

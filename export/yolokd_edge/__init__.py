@@ -6,7 +6,7 @@ ONNX Runtime only: no torch, no Ultralytics, so it fits on an edge device.
     boxes = det(cv2.imread("image.jpg"))[0]  # (N, 6): x1, y1, x2, y2, score, class (original-image pixels)
 """
 
-from yolokd_edge.runtime import EdgeDetector, draw, letterbox, nms, select_providers
+from yolokd_edge.runtime import EdgeDetector, draw, letterbox, nms, select_providers, tensorrt_options
 
 __version__ = "0.1.0"
-__all__ = ["EdgeDetector", "draw", "letterbox", "nms", "select_providers", "__version__"]
+__all__ = ["EdgeDetector", "draw", "letterbox", "nms", "select_providers", "tensorrt_options", "__version__"]

@@ -5,6 +5,7 @@ Keys (Ultralytics-style `key=value`):
   conf=0.25  confidence threshold           iou=0.7   NMS IoU threshold (dense outputs only)
   max_det=300                               classes=  class ids to keep, e.g. classes=0,2
   agnostic=False  class-agnostic NMS        device=auto  auto | cpu | cuda | tensorrt (ONNX Runtime provider)
+  fp16=False      TensorRT: FP16 kernels    trt_cache=   TensorRT: folder caching built engines between runs
   out=edge_out    output folder             save=True  annotated images / video
   save_json=True  detections.json (images) or <video>.jsonl (one line per frame)
   quiet=False     no per-image lines
@@ -30,8 +31,8 @@ from yolokd_edge.runtime import EdgeDetector, draw
 IMAGE_SUFFIXES = {".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp", ".dng", ".mpo", ".pfm", ".heic"}
 VIDEO_SUFFIXES = {".asf", ".avi", ".gif", ".m4v", ".mkv", ".mov", ".mp4", ".mpeg", ".mpg", ".ts", ".wmv", ".webm"}
 DEFAULTS: dict[str, Any] = dict(
-    source=None, conf=0.25, iou=0.7, max_det=300, classes=None, agnostic=False, device="auto", out="edge_out",
-    save=True, save_json=True, quiet=False,
+    source=None, conf=0.25, iou=0.7, max_det=300, classes=None, agnostic=False, device="auto", fp16=False,
+    trt_cache=None, out="edge_out", save=True, save_json=True, quiet=False,
 )
 
 
@@ -166,7 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         if not Path(model).is_file():
             raise FileNotFoundError(f"model '{model}' not found (pass the .onnx file written by `yolokd export`)")
         det = EdgeDetector(model, device=args["device"], conf=args["conf"], iou=args["iou"],
-                           max_det=args["max_det"], classes=args["classes"], agnostic=args["agnostic"])
+                           max_det=args["max_det"], classes=args["classes"], agnostic=args["agnostic"],
+                           fp16=args["fp16"], trt_cache=args["trt_cache"])
         out = Path(args["out"])
         out.mkdir(parents=True, exist_ok=True)
         if not args["quiet"]:

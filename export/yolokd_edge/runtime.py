@@ -5,12 +5,12 @@ The pipeline reproduces Ultralytics' predict for a static-shape ONNX export:
 1. letterbox: scale the image by r = min(H / h, W / w) (sides rounded, at least 1 px, bilinear), pad it centred to
    the model's (H, W) with grey 114 (the left/top pad is round(d / 2 - 0.1), the rest on the right/bottom);
    BGR -> RGB, HWC -> CHW, uint8 / 255 -> float32 (float16 when the model's input is).
-2. inference on the chosen ONNX Runtime execution provider (TensorRT, CUDA or CPU).
+2. inference on the chosen ONNX Runtime execution provider (TensorRT, optionally FP16 and with an engine cache;
+   CUDA; or CPU).
 3. decode, depending on the output layout:
    - dense (B, 4 + nc, A): per anchor (cx, cy, w, h) in input pixels and nc class scores in [0, 1]; keep the best
-     class when its score > conf, xywh -> xyxy, class-aware greedy NMS (a box is dropped when its IoU with a
-     kept, higher-scored box of the same class is > iou; classes are separated by offsetting boxes by
-     class * 7680 px, as Ultralytics does), at most `max_det` boxes;
+     class when its score > conf, xywh -> xyxy, class-aware greedy NMS with OpenCV (a box is dropped when its IoU
+     with a kept, higher-scored box of the same class is > iou; see `nms`), at most `max_det` boxes;
    - rows (B, K, 6) = (x1, y1, x2, y2, score, class): end-to-end heads (YOLO26 exported with nms=False) or
      exports with NMS inside the graph (nms=True); rows are already final: keep score > conf, at most max_det.
 4. undo the letterbox: subtract the pad, divide by the per-axis scale, clip to the original image.
@@ -29,20 +29,34 @@ from typing import Any, Sequence
 import cv2
 import numpy as np
 
-MAX_WH = 7680  # per-class box offset (px) for class-aware NMS in one pass; larger than any image side
 MAX_NMS = 30000  # boxes entering NMS at most (highest scores first)
+TENSORRT = "TensorrtExecutionProvider"
 PROVIDER_CHAIN = {
-    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": [TENSORRT, "CUDAExecutionProvider", "CPUExecutionProvider"],
     "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
     "cpu": ["CPUExecutionProvider"],
 }
 
 
-def select_providers(device: str = "auto", available: Sequence[str] | None = None) -> list[str]:
+def tensorrt_options(fp16: bool = False, trt_cache: str | Path | None = None) -> dict[str, Any]:
+    """ONNX Runtime TensorRT provider options: FP16 kernels, and an engine cache folder (built engines are reused
+    across runs instead of rebuilt, which takes minutes on a Jetson)."""
+    options: dict[str, Any] = {}
+    if fp16:
+        options["trt_fp16_enable"] = True
+    if trt_cache:
+        options.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(trt_cache))
+    return options
+
+
+def select_providers(device: str = "auto", available: Sequence[str] | None = None, fp16: bool = False,
+                     trt_cache: str | Path | None = None) -> list:
     """ONNX Runtime providers for `device` ('auto', 'cpu', 'cuda', 'tensorrt'), in order of preference.
 
     'auto' picks the fastest one this onnxruntime build offers (TensorRT, then CUDA, then CPU). An explicit device
-    that the build lacks raises ValueError (e.g. `onnxruntime` instead of `onnxruntime-gpu`).
+    that the build lacks raises ValueError (e.g. `onnxruntime` instead of `onnxruntime-gpu`). `fp16` and `trt_cache`
+    become the TensorRT provider's options (`tensorrt_options`): the entry is then `(name, options)`; they raise
+    ValueError when the chosen device does not run TensorRT.
     """
     if available is None:
         import onnxruntime as ort
@@ -63,7 +77,16 @@ def select_providers(device: str = "auto", available: Sequence[str] | None = Non
             f"device={device} needs ONNX Runtime's {chain[0]}, which this onnxruntime build lacks (it has "
             f"{list(available)}). Install onnxruntime-gpu (CUDA/TensorRT) or use device=cpu."
         )
-    return [p for p in chain if p in available]
+    providers: list = [p for p in chain if p in available]
+    options = tensorrt_options(fp16, trt_cache)
+    if options:
+        if device != "tensorrt":
+            raise ValueError(
+                f"fp16= and trt_cache= are options of ONNX Runtime's TensorRT provider, but device={device} does not "
+                f"use it: pass device=tensorrt (onnxruntime-gpu with TensorRT), or drop them."
+            )
+        providers[0] = (TENSORRT, options)
+    return providers
 
 
 def letterbox(img: np.ndarray, shape: tuple[int, int], pad_value: int = 114):
@@ -94,26 +117,28 @@ def scale_boxes(boxes: np.ndarray, gain: tuple[float, float], pad: tuple[int, in
     return out
 
 
-def box_iou_one(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
-    """IoU of one xyxy box with each of `boxes` (N, 4)."""
-    lt = np.maximum(box[:2], boxes[:, :2])
-    rb = np.minimum(box[2:4], boxes[:, 2:4])
-    inter = np.clip(rb - lt, 0, None).prod(1)
-    area = (box[2] - box[0]) * (box[3] - box[1])
-    areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-    return inter / np.maximum(area + areas - inter, 1e-12)
+def nms(boxes: np.ndarray, scores: np.ndarray, iou: float, classes: np.ndarray | None = None) -> np.ndarray:
+    """Greedy NMS with OpenCV: indices of the kept boxes, highest score first.
 
+    A box is dropped when its IoU with a kept, higher-scored box is > `iou`; with `classes`, only boxes of the same
+    class suppress each other (`cv2.dnn.NMSBoxesBatched`), else all do (`cv2.dnn.NMSBoxes`). Equal scores keep
+    index order. Scores must be > 0 (OpenCV keeps only scores above its threshold, 0 here).
 
-def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
-    """Greedy NMS: indices of kept boxes, highest score first; drops boxes with IoU > `iou` to a kept one."""
-    order = np.argsort(-scores, kind="stable")
-    keep = []
-    while order.size:
-        i = order[0]
-        keep.append(i)
-        rest = order[1:]
-        order = rest[box_iou_one(boxes[i], boxes[rest]) <= iou]
-    return np.asarray(keep, dtype=np.int64)
+    Same result as torchvision's `nms` / `batched_nms` (what Ultralytics uses), except that two zero-area boxes
+    count as IoU 1 for OpenCV (the later one is dropped) and as IoU 0/0 for torchvision (both are kept).
+    `NMSBoxesBatched` separates classes by offsetting them by class * (largest coordinate + 1), which only works
+    for coordinates >= 0: boxes are shifted into that range first (IoU does not change under a shift).
+    """
+    if not len(boxes):
+        return np.zeros(0, dtype=np.int64)
+    xywh = np.concatenate([boxes[:, :2], boxes[:, 2:4] - boxes[:, :2]], 1).astype(np.float64)
+    xywh[:, :2] -= min(xywh[:, :2].min(), 0.0)
+    scores = np.ascontiguousarray(scores, dtype=np.float32)
+    if classes is None:
+        keep = cv2.dnn.NMSBoxes(xywh, scores, 0.0, iou)
+    else:
+        keep = cv2.dnn.NMSBoxesBatched(xywh, scores, np.asarray(classes, dtype=np.int32), 0.0, iou)
+    return np.asarray(keep, dtype=np.int64).reshape(-1)
 
 
 def decode_dense(y: np.ndarray, conf: float, iou: float, max_det: int = 300, classes=None, agnostic=False):
@@ -129,8 +154,7 @@ def decode_dense(y: np.ndarray, conf: float, iou: float, max_det: int = 300, cla
         top = np.argsort(-score, kind="stable")[:MAX_NMS]
         xywh, score, cls = xywh[top], score[top], cls[top]
     xyxy = np.concatenate([xywh[:, :2] - xywh[:, 2:] / 2, xywh[:, :2] + xywh[:, 2:] / 2], 1)
-    offset = 0.0 if agnostic else cls[:, None].astype(np.float32) * MAX_WH
-    idx = nms(xyxy + offset, score, iou)[:max_det]
+    idx = nms(xyxy, score, iou, None if agnostic else cls)[:max_det]
     return np.concatenate([xyxy[idx], score[idx, None], cls[idx, None].astype(np.float32)], 1).astype(np.float32)
 
 
@@ -164,16 +188,22 @@ class EdgeDetector:
         max_det: Most detections per image.
         classes: Keep only these class ids (None: all).
         agnostic: Class-agnostic NMS.
+        fp16: TensorRT provider only: let TensorRT use FP16 kernels.
+        trt_cache: TensorRT provider only: folder where built engines are cached and reused (created if missing).
     """
 
     def __init__(self, model: str | Path, device: str = "auto", conf: float = 0.25, iou: float = 0.7,
-                 max_det: int = 300, classes: Sequence[int] | None = None, agnostic: bool = False):
+                 max_det: int = 300, classes: Sequence[int] | None = None, agnostic: bool = False,
+                 fp16: bool = False, trt_cache: str | Path | None = None):
         import onnxruntime as ort
 
-        self.providers = select_providers(device)
+        providers = select_providers(device, fp16=fp16, trt_cache=trt_cache)
+        if trt_cache:
+            Path(trt_cache).mkdir(parents=True, exist_ok=True)
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(model), options, providers=self.providers)
+        self.session = ort.InferenceSession(str(model), options, providers=providers)
+        self.providers = self.session.get_providers()
         self.conf, self.iou, self.max_det, self.agnostic = conf, iou, max_det, agnostic
         self.classes = None if classes is None else list(classes)
         self.meta = read_metadata(self.session)
