@@ -22,17 +22,9 @@ import torch
 from torch import nn
 
 from yolokd.config import DistillationConfigError
-from yolokd.exporting import (
-    ParityError,
-    _rows_diff,
-    check_clean_student,
-    cmd_export,
-    export_student,
-    foreign_globals,
-    match_detections,
-    onnx_parity,
-    pickled_globals,
-)
+from yolokd.export.command import cmd_export, export_student
+from yolokd.export.parity import ParityError, export_parity, match_detections, rows_diff
+from yolokd.export.safety import load_student
 
 IMGSZ = 64
 _BUILT: dict[str, dict] = {}  # the students, built once per session even when several modules use the fixture
@@ -131,29 +123,27 @@ class Foreign:
     """A class of another package (this test module): a checkpoint that pickles it is not a plain student."""
 
 
-def test_scan_finds_globals_without_unpickling(tmp_path):
+def test_restricted_load_names_foreign_class(tmp_path):
     ckpt = {"model": nn.Conv2d(1, 1, 1), "extra": Foreign()}
     for proto in (2, 4):  # GLOBAL opcodes (torch.save default) and STACK_GLOBAL with memoised strings
         p = tmp_path / f"p{proto}.pt"
         torch.save(ckpt, p, pickle_protocol=proto)
-        found = pickled_globals(p)
-        assert "torch.nn.modules.conv.Conv2d" in found
-        assert f"{__name__}.Foreign" in found
-        assert foreign_globals(p) == [f"{__name__}.Foreign"]
+        with pytest.raises(DistillationConfigError, match=rf"references {__name__}\.Foreign, outside"):
+            load_student(p)
 
 
 def test_scan_refuses_non_zip(tmp_path):
     p = tmp_path / "legacy.pt"
     p.write_bytes(pickle.dumps({"model": None}))
     with pytest.raises(DistillationConfigError, match="not a torch zip checkpoint"):
-        check_clean_student(p)
+        load_student(p)
 
 
 def test_distilled_students_are_clean(students):
     for key in ("v8", "26"):
         for kind in ("distilled", "detecting"):
-            check_clean_student(students[key][kind])  # raises if not
-            assert foreign_globals(students[key][kind]) == []
+            ckpt = load_student(students[key][kind])  # raises if not
+            assert type(ckpt["model"]).__name__ == "DetectionModel"
 
 
 def _ckpt_with(tmp_path, students, name: str, change) -> Path:
@@ -171,18 +161,18 @@ def test_clean_check_rejects_foreign_class_hook_teacher(tmp_path, students):
 
     foreign = _ckpt_with(tmp_path, students, "foreign", lambda m: setattr(m, "note", Foreign()))
     with pytest.raises(DistillationConfigError, match=r"test_export\.Foreign"):
-        check_clean_student(foreign)
+        load_student(foreign)
     tapped = _ckpt_with(tmp_path, students, "tapped", lambda m: Taps(m, {"cls_feat"}))  # yolokd hook objects
     with pytest.raises(DistillationConfigError, match=r"yolokd\.taps"):
-        check_clean_student(tapped)
+        load_student(tapped)
     # Ultralytics/torch classes only, so the scan passes: the model inspection must catch these
     teacher = _ckpt_with(tmp_path, students, "teacher",
                          lambda m: setattr(m, "teacher", DetectionModel("yolov8n.yaml", nc=6, verbose=False)))
     with pytest.raises(DistillationConfigError, match="submodule 'teacher'"):
-        check_clean_student(teacher)
+        load_student(teacher)
     hooked = _ckpt_with(tmp_path, students, "hooked", lambda m: m.model[0].register_forward_hook(nn.Identity()))
     with pytest.raises(DistillationConfigError, match="1 forward hooks on model.0"):
-        check_clean_student(hooked)
+        load_student(hooked)
 
 
 # --------------------------------------------------------------------------------------------- parity helpers
@@ -201,10 +191,10 @@ def test_match_detections_hand_computed():
 def test_rows_diff_ignores_row_order():
     rng = np.random.default_rng(0)
     rows = np.concatenate([rng.random((1, 5, 4)) * 60, rng.random((1, 5, 1)), rng.integers(0, 3, (1, 5, 1))], -1)
-    assert _rows_diff(rows, rows[:, ::-1], conf=0.0) == 0.0
+    assert rows_diff(rows, rows[:, ::-1], conf=0.0) == 0.0
     moved = rows.copy()
     moved[0, :, 0] += 0.5
-    assert _rows_diff(rows, moved[:, ::-1], conf=0.0) == pytest.approx(0.5)
+    assert rows_diff(rows, moved[:, ::-1], conf=0.0) == pytest.approx(0.5)
 
 
 # --------------------------------------------------------------------------------------------- export + parity
@@ -214,7 +204,7 @@ def test_onnx_export_parity(students, val_images, tmp_path, key, nms):
     pt.write_bytes(students[key]["detecting"].read_bytes())
     f = export_student(pt, format="onnx", imgsz=IMGSZ, nms=nms, simplify=False, parity=False)
     assert f.suffix == ".onnx" and f.is_file()
-    r = onnx_parity(pt, f, val_images)
+    r = export_parity(pt, f, val_images)
     assert r["passed"], r
     assert r["layout"].startswith("rows" if nms is False else "dense")
     assert r["total"] >= 8 * len(val_images)  # the detecting copies give real detection sets to compare
@@ -241,9 +231,9 @@ def test_parity_fails_on_perturbed_onnx(students, val_images, tmp_path):
     pt = tmp_path / "student.pt"
     pt.write_bytes(students["v8"]["detecting"].read_bytes())
     f = export_student(pt, format="onnx", imgsz=IMGSZ, simplify=False, parity=False)
-    assert onnx_parity(pt, f, val_images)["passed"]
+    assert export_parity(pt, f, val_images)["passed"]
     _perturb_onnx(f)
-    r = onnx_parity(pt, f, val_images)
+    r = export_parity(pt, f, val_images)
     assert not r["passed"]
     assert r["max_abs_diff_scores"] > 0.01 and r["max_abs_diff_boxes"] < 1e-3  # only the scores were touched
     assert any("atol" in s for s in r["failures"])

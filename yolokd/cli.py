@@ -103,7 +103,7 @@ def cmd_crops(argv: list[str]) -> int:
 
 def cmd_export(argv: list[str]) -> int:
     """Export a distilled student (clean-student check first, ONNX parity check after)."""
-    from yolokd.exporting import cmd_export as run
+    from yolokd.export.command import cmd_export as run
 
     return run(argv)
 

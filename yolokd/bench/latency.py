@@ -109,9 +109,9 @@ class Prepared:
 
 
 def _export(pt: Path, work: Path, tag: str, **args) -> Path:
-    """Export `pt` with `yolokd.exporting.export_student` (clean-student check, no parity) and move the file to
+    """Export `pt` with `yolokd.export.command.export_student` (safe load, no parity) and move the file to
     `work/<tag><suffix>` (Ultralytics writes next to the .pt, so batch sizes would overwrite one another)."""
-    from yolokd.exporting import export_student
+    from yolokd.export.command import export_student
 
     done = [f for f in sorted(work.glob(f"{tag}.*")) if f.stat().st_mtime >= pt.stat().st_mtime]
     if done:  # exported by an earlier run from the same checkpoint
@@ -148,15 +148,12 @@ def prepare(runtime: str, pt: Path, batch: int, imgsz: int, work: Path, data: st
         sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
         return Prepared(run, str(pt), {"device": 0 if dev == "cuda" else "cpu", "half": half}, sync)
     if runtime.startswith("onnx"):
-        import onnxruntime as ort
+        from yolokd_edge import EdgeDetector
 
         f = _export(pt, work, f"{stem}_b{batch}_{imgsz}", format="onnx", imgsz=imgsz, batch=batch)
         f1 = f if batch == 1 else _export(pt, work, f"{stem}_b1_{imgsz}", format="onnx", imgsz=imgsz, batch=1)
-        providers = ["CUDAExecutionProvider"] if runtime == "onnx-cuda" else []
-        providers.append("CPUExecutionProvider")
-        sess = ort.InferenceSession(str(f), providers=providers)
-        name = sess.get_inputs()[0].name
-        return Prepared(lambda: sess.run(None, {name: x}), str(f1),
+        edge = EdgeDetector(f, device="cuda" if runtime == "onnx-cuda" else "cpu")  # the deployed session setup
+        return Prepared(lambda: edge.session.run(None, {edge.input_name: x}), str(f1),
                         {"device": 0 if runtime == "onnx-cuda" else "cpu", "batch": 1})
     if runtime.startswith("trt"):
         from ultralytics.nn.autobackend import AutoBackend
@@ -218,9 +215,12 @@ def benchmark(
     """
     from ultralytics.utils import LOGGER, TQDM
 
-    from yolokd.checks import resolve_weights
+    from yolokd.export.command import find_checkpoint
+    from yolokd.export.safety import load_student
 
-    paths = [resolve_weights(m, "model") for m in models]
+    paths = [find_checkpoint(m, "models") for m in models]
+    for p in paths:  # refuse an unsafe file or a non-detector before anything is written or loaded unrestricted
+        load_student(p)
     labels = model_labels(paths)
     rts = resolve_runtimes(runtimes)
     if val and not data:
@@ -357,7 +357,7 @@ def cmd_benchmark(argv: list[str]) -> int:
     if not argv or argv[0] in {"help", "-h", "--help"}:
         print(BENCHMARK_HELP)
         return 0
-    from yolokd.config import parse_kv
+    from yolokd.config import closest, parse_kv
 
     a = parse_kv(argv)
     models = a.pop("models", None) or a.pop("model", None)
@@ -367,11 +367,15 @@ def cmd_benchmark(argv: list[str]) -> int:
         models = models.split(",")
     models = list(models) if isinstance(models, (list, tuple)) else [models]
     batch = a.pop("batch", (1, 8))
-    batch = tuple(int(b) for b in (str(batch).split(",") if isinstance(batch, (str, int)) else batch))
+    try:
+        batch = tuple(int(b) for b in (str(batch).split(",") if isinstance(batch, (str, int)) else batch))
+    except ValueError:
+        raise SyntaxError(f"batch={batch}: give batch sizes as whole numbers, e.g. batch=1,8") from None
     known = {"data", "imgsz", "runtimes", "warmup", "iters", "out", "val", "workers"}
-    unknown = set(a) - known
+    unknown = sorted(set(a) - known)
     if unknown:
-        valid = ", ".join(["models", "batch", *sorted(known)])
-        raise SyntaxError(f"unknown benchmark argument(s) {sorted(unknown)}; valid: {valid}")
+        valid = ["models", "batch", *sorted(known)]
+        hint = closest(unknown[0], valid)
+        raise SyntaxError(f"unknown benchmark argument(s) {unknown}.{hint} Valid: {', '.join(valid)}")
     benchmark(models, batch=batch, **a)
     return 0
