@@ -43,7 +43,8 @@ def pickled_modules(pt: Path) -> set[str]:
 
 
 def student_step(cfg: str, names: list[str], args, teacher_cfg: str | None = None):
-    """One training-mode step of a random student through DistillationLoss (and what it saw, for the checks).
+    """One training-mode step of a random student through the trainer's distillation (`build_distillation`), and
+    what it saw, for the checks.
 
     Returns:
         methods, student features, teacher features, StepContext, student model, loss vector, loss items, the loss.
@@ -51,20 +52,15 @@ def student_step(cfg: str, names: list[str], args, teacher_cfg: str | None = Non
     from ultralytics.cfg import get_cfg
     from ultralytics.nn.tasks import DetectionModel
 
-    from yolokd.checks import dry_forward
-    from yolokd.criterion import DistillationLoss
-    from yolokd.methods.base import MethodSet, StepContext
-    from yolokd.taps import Taps, raw_forward
+    from yolokd.criterion import build_distillation
+    from yolokd.methods.base import StepContext
+    from yolokd.taps import raw_forward
 
     torch.manual_seed(0)
     model = DetectionModel(cfg, nc=len(names), verbose=False)
     model.args = get_cfg()
     teacher = DetectionModel(teacher_cfg, nc=len(names), verbose=False).eval() if teacher_cfg else None
-    s0 = Taps(model).collect(dry_forward(model, 64))
-    t_taps = Taps(teacher) if teacher else None
-    t0 = t_taps.collect(dry_forward(teacher, 64)) if teacher else None
-    methods = MethodSet(args.method.split("+"), s0, t0, args)
-    crit = DistillationLoss(model.init_criterion(), Taps(model), teacher, t_taps, methods)
+    crit = build_distillation(args.method.split("+"), model, teacher, args).install(model)
     img = torch.rand(2, 3, 64, 64)
     batch = {"img": img, "batch_idx": torch.tensor([0.0, 0.0, 1.0]), "cls": torch.tensor([[0.0], [2.0], [1.0]]),
              "bboxes": torch.tensor([[0.3, 0.3, 0.4, 0.3], [0.7, 0.6, 0.3, 0.5], [0.5, 0.5, 0.6, 0.6]])}
@@ -73,6 +69,6 @@ def student_step(cfg: str, names: list[str], args, teacher_cfg: str | None = Non
     loss, items = crit(preds, batch)
     s = crit.student_taps.collect(preds)  # the same tensors again, for method-only gradients
     with torch.no_grad():
-        t = t_taps.collect(raw_forward(teacher, img)) if teacher else None
+        t = crit.teacher_taps.collect(raw_forward(teacher, img)) if teacher else None
     ctx = StepContext(batch=batch, assign=crit.assignment.last)
-    return methods, s, t, ctx, model, loss, items, crit
+    return crit.methods, s, t, ctx, model, loss, items, crit

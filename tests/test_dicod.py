@@ -11,9 +11,8 @@ import torch
 
 from helpers import read_results, save_checkpoint, student_step
 from yolokd.config import DistillationConfigError
-from yolokd.methods.base import MethodSet, StepContext
+from yolokd.methods.base import MethodSet, StepContext, build_method
 from yolokd.methods.dicod import (
-    DICOD,
     capped_positives,
     check_cls_teacher_names,
     classifier_logits,
@@ -126,7 +125,7 @@ def test_early_features_are_stride_4(classifier):
 
 
 def test_classifier_frozen_through_training_steps(cls_pt):
-    method = DICOD(feats(torch.zeros(1, 3, 4)), None, cls_teacher=str(cls_pt), crop=16)
+    method = build_method("dicod", feats(torch.zeros(1, 3, 4)), None, cls_teacher=str(cls_pt), crop=16)
     method.train()
     assert not method.classifier.training and not any(p.requires_grad for p in method.classifier.parameters())
     before = {k: v.clone() for k, v in method.classifier.state_dict().items()}
@@ -149,7 +148,7 @@ def test_classifier_frozen_through_training_steps(cls_pt):
 def test_class_order_matched_by_name(cls_pt, classifier):
     assert check_cls_teacher_names(classifier, ["cat", "apple", "bird"]) == [2, 0, 1]
     assert check_cls_teacher_names(classifier, NAMES) == [0, 1, 2]
-    method = DICOD(feats(torch.zeros(1, 3, 1)), None, cls_teacher=str(cls_pt), data={0: "cat", 1: "apple", 2: "bird"},
+    method = build_method("dicod", feats(torch.zeros(1, 3, 1)), None, cls_teacher=str(cls_pt), data={0: "cat", 1: "apple", 2: "bird"},
                    crop=16)
     img, box, idx = torch.rand(1, 3, 16, 16), torch.tensor([[1.0, 2.0, 11.0, 15.0]]), torch.tensor([0])
     z = classifier_logits(classifier, crop_boxes(img, box, idx, 16))
@@ -159,7 +158,7 @@ def test_class_order_matched_by_name(cls_pt, classifier):
 # ---------------------------------------------------------------------------------------------- config errors
 def test_missing_cls_teacher_is_refused():
     with pytest.raises(DistillationConfigError, match=r"cls_teacher=.*yolokd crops"):
-        DICOD(feats(torch.zeros(1, 3, 1)), None, cls_teacher=None)
+        build_method("dicod", feats(torch.zeros(1, 3, 1)), None, cls_teacher=None)
 
 
 def test_detector_as_cls_teacher_is_refused(tmp_path):
@@ -178,9 +177,9 @@ def test_class_name_mismatch_is_refused(cls_pt, classifier):
     with pytest.raises(DistillationConfigError, match=r"missing \['dog'\], extra \['bird'\].*yolokd crops"):
         check_cls_teacher_names(classifier, ["apple", "dog", "cat"])
     with pytest.raises(DistillationConfigError, match="missing"):
-        DICOD(feats(torch.zeros(1, 3, 1)), None, cls_teacher=str(cls_pt), data=["apple", "dog", "cat"])
+        build_method("dicod", feats(torch.zeros(1, 3, 1)), None, cls_teacher=str(cls_pt), data=["apple", "dog", "cat"])
     with pytest.raises(DistillationConfigError, match="predicts 3 classes but the student detector 4"):
-        DICOD(feats(torch.zeros(1, 4, 1)), None, cls_teacher=str(cls_pt))
+        build_method("dicod", feats(torch.zeros(1, 4, 1)), None, cls_teacher=str(cls_pt))
 
 
 # ---------------------------------------------------------------------------------------------- kd-cls
@@ -201,7 +200,7 @@ def test_kd_cls_zero_on_equal_distributions_and_teacher_shift_invariant():
 
 
 def test_kd_cls_gathers_the_assigned_gt_logits(cls_pt, classifier):
-    method = DICOD(feats(torch.zeros(1, 3, 4)), None, cls_teacher=str(cls_pt), crop=16)
+    method = build_method("dicod", feats(torch.zeros(1, 3, 4)), None, cls_teacher=str(cls_pt), crop=16)
     gts = [[1.0, 1.0, 9.0, 12.0], [6.0, 4.0, 16.0, 16.0]]
     a = assignment([1, 1, 0, 1], [1, 0, 0, 1], gts)
     img, scores = torch.rand(1, 3, 16, 16), torch.randn(1, 3, 4)
@@ -240,7 +239,7 @@ def test_capped_positives_per_gt_then_per_batch():
 
 
 def test_no_positives_gives_zero_with_graph(cls_pt):
-    method = DICOD(feats(torch.zeros(1, 3, 2)), None, cls_teacher=str(cls_pt), crop=16)
+    method = build_method("dicod", feats(torch.zeros(1, 3, 2)), None, cls_teacher=str(cls_pt), crop=16)
     scores = torch.randn(1, 3, 2, requires_grad=True)
     for a in (None, assignment([0, 0], [0, 0], [[0.0, 0, 4, 4]])):
         out = method(feats(scores), None, StepContext(batch={"img": torch.rand(1, 3, 16, 16)}, assign=a))
@@ -258,7 +257,7 @@ def test_real_student_gradients_reach_the_right_branch(cfg, cls_pt):
     cls_p, box_p = list(head.cv3.parameters()), list(head.cv2.parameters())
     terms = methods(s, None, ctx)
     for term, yes, no in (("dicod_cls", cls_p, box_p), ("dicod_loc", box_p, cls_p)):
-        grads = torch.autograd.grad(terms[term], yes + no, allow_unused=True, retain_graph=True)
+        grads = torch.autograd.grad(terms[term].value, yes + no, allow_unused=True, retain_graph=True)
         norm = [sum(0.0 if g is None else g.abs().sum().item() for g in part)
                 for part in (grads[: len(yes)], grads[len(yes) :])]
         assert norm[0] > 0 and norm[1] == 0, term  # kd-cls trains class logits only, kd-loc boxes only
@@ -272,7 +271,7 @@ def test_combination_with_a_detector_teacher_method(cls_pt):
     methods, s, t, ctx, _, loss, items, _ = student_step("yolov8n.yaml", list(NAMES.values()), args, "yolov8n.yaml")
     terms = methods(s, t, ctx)
     assert set(terms) == {"dfd_hd", "dfd_ld", "dicod_cls", "dicod_loc"}
-    assert all(torch.isfinite(v) for v in terms.values()) and torch.isfinite(loss).all()
+    assert all(torch.isfinite(v.value) for v in terms.values()) and torch.isfinite(loss).all()
     assert torch.isclose(items["kd_loss"], sum(items[k] for k in terms))
 
 

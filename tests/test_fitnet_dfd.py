@@ -10,6 +10,9 @@ from yolokd.methods.dfd import DFD, high_disparity_mask, spatial_attention
 from yolokd.methods.fitnet import FitNet
 from yolokd.taps import Features
 
+# FitNets' hint stage alone, through a 1x1 regressor (the hand cases' setting; the YAML adds the KD stage)
+HINT_ONLY = dict(kd_weight=0.0, hint_share=1.0, projector="conv", pearson=False)
+
 
 def feats(neck):
     """Features holding only neck maps (what FitNet and DFD read)."""
@@ -26,16 +29,16 @@ def test_fitnet_hand_value():
     # student [[1, 2], [3, 4]] against a zero teacher: mean of squares = (1 + 4 + 9 + 16) / 4 = 7.5
     s = feats([torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])])
     t = feats([torch.zeros(1, 1, 2, 2)])
-    m = FitNet(s, t, weight=1.0)
+    m = FitNet(s, t, weight=1.0, **HINT_ONLY)
     assert isinstance(m.align[0], torch.nn.Identity)  # same width: no regressor
     assert torch.isclose(m(s, t, ctx())["ht"], torch.tensor(7.5))
-    assert torch.isclose(FitNet(s, t, weight=2.0)(s, t, ctx())["ht"], torch.tensor(15.0))
+    assert torch.isclose(FitNet(s, t, weight=2.0, **HINT_ONLY)(s, t, ctx())["ht"], torch.tensor(15.0))
 
 
 def test_fitnet_adapter_gets_gradient_teacher_none():
     s = feats([torch.randn(2, 3, 4, 4, requires_grad=True)])
     t = feats([torch.randn(2, 5, 4, 4, requires_grad=True)])
-    m = FitNet(s, t, weight=1.0)
+    m = FitNet(s, t, weight=1.0, **HINT_ONLY)
     m(s, feats([t.neck[0].detach()]), ctx())["ht"].backward()  # the loss receives teacher tensors detached
     assert m.align[0].weight.grad.abs().sum() > 0 and s.neck[0].grad.abs().sum() > 0
     assert t.neck[0].grad is None
@@ -50,9 +53,9 @@ def test_fitnet_kd_term_hand_value():
                  strides=torch.tensor([8.0]), dfl=torch.nn.Identity())
     t = Features(neck=neck, scores=torch.zeros(1, 1, 2), boxes=torch.zeros(1, 4, 2), strides=torch.tensor([8.0]),
                  dfl=torch.nn.Identity())
-    terms = FitNet(s, t, weight=1.0, kd_weight=2.0)(s, t, ctx())
+    terms = FitNet(s, t, **{**HINT_ONLY, "weight": 1.0, "kd_weight": 2.0})(s, t, ctx())
     assert terms["ht"].item() == 0 and terms["kd"].item() == pytest.approx(math.log(4 / 3), rel=1e-5)
-    assert set(FitNet(s, t, weight=1.0, kd_weight=0.0)(s, t, ctx())) == {"ht"}  # the hint alone
+    assert set(FitNet(s, t, weight=1.0, **HINT_ONLY)(s, t, ctx())) == {"ht"}  # the hint alone
 
 
 def test_fitnet_hint_stage_then_kd_stage():
@@ -62,7 +65,7 @@ def test_fitnet_hint_stage_then_kd_stage():
                  boxes=torch.zeros(1, 4, 9), strides=torch.tensor([8.0]), dfl=torch.nn.Identity())
     t = Features(neck=[torch.randn(1, 2, 3, 3, generator=g)], scores=torch.randn(1, 2, 9, generator=g),
                  boxes=torch.zeros(1, 4, 9), strides=torch.tensor([8.0]), dfl=torch.nn.Identity())
-    m = FitNet(s, t, weight=1.0, kd_weight=1.0, hint_share=0.5)
+    m = FitNet(s, t, **{**HINT_ONLY, "weight": 1.0, "kd_weight": 1.0, "hint_share": 0.5})
     at = [m(s, t, StepContext(batch={"img": torch.zeros(1, 3, 24, 24)}, assign=None, epoch=e, epochs=4))
           for e in range(4)]
     assert at[0]["ht"] > 0 and torch.equal(at[0]["ht"], at[1]["ht"]) and at[2]["ht"] == at[3]["ht"] == 0
@@ -86,7 +89,7 @@ def test_fitnet_kd_reaches_the_scores_and_the_hint_the_neck_only():
                  strides=torch.tensor([8.0]), dfl=torch.nn.Identity())
     t = Features(neck=[torch.randn(2, 5, 4, 4, generator=g)], scores=torch.randn(2, 2, 16, generator=g),
                  boxes=torch.zeros(2, 4, 16), strides=torch.tensor([8.0]), dfl=torch.nn.Identity())
-    m = FitNet(s, t, weight=1.0, kd_weight=1.0)
+    m = FitNet(s, t, **{**HINT_ONLY, "weight": 1.0, "kd_weight": 1.0})
     terms = m(s, t, ctx())
     terms["kd"].backward(retain_graph=True)
     assert s.scores.grad.abs().sum() > 0 and s.neck[0].grad is None and m.align[0].weight.grad is None
@@ -97,7 +100,7 @@ def test_fitnet_kd_reaches_the_scores_and_the_hint_the_neck_only():
 
 def test_fitnet_kd_term_escapes_the_cap_and_the_hint_does_not():
     from yolokd.config import kd_defaults
-    from yolokd.criterion import cap_ratio
+    from yolokd.criterion import scale_terms
     from yolokd.methods.base import MethodSet
 
     from tests.test_methods_pred_guided import random_case
@@ -105,9 +108,10 @@ def test_fitnet_kd_term_escapes_the_cap_and_the_hint_does_not():
     s, t, c = random_case(16)
     ms = MethodSet(["fitnet", "pfi"], s, t, type("Args", (), {**kd_defaults(), "fitnet_kd_weight": 1.0}))
     terms = ms(s, t, c)
-    assert set(terms) == {"fitnet_ht", "fitnet_kd", "pfi"} and ms.task_scaled_columns(terms) == {"fitnet_kd"}
-    out, _ = cap_ratio(terms, torch.tensor(1e-6), 0.25, ms.task_scaled_columns(terms))
-    assert out["fitnet_kd"] is terms["fitnet_kd"] and out["fitnet_ht"] < terms["fitnet_ht"]
+    assert set(terms) == {"fitnet_ht", "fitnet_kd", "pfi"}
+    assert {k for k, v in terms.items() if not v.capped} == {"fitnet_kd"}  # FitNet declares it task_scaled
+    out, _ = scale_terms(terms, torch.tensor(1e-6), 0.25)
+    assert out["fitnet_kd"] is terms["fitnet_kd"].value and out["fitnet_ht"] < terms["fitnet_ht"].value
 
 
 def test_fitnet_pearson_hand_value():
@@ -115,19 +119,19 @@ def test_fitnet_pearson_hand_value():
     # The standardised maps differ by 2z, so the loss is mean(4 z^2) = 4 (unit variance), i.e. 2 * (1 - r) at r = -1.
     s = feats([torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])])
     t = feats([torch.tensor([[[[4.0, 3.0], [2.0, 1.0]]]])])
-    assert torch.isclose(FitNet(s, t, weight=1.0, pearson=True)(s, t, ctx())["ht"], torch.tensor(4.0), atol=1e-5)
-    assert torch.isclose(FitNet(s, s, weight=1.0, pearson=True)(s, s, ctx())["ht"], torch.tensor(0.0), atol=1e-5)
+    assert torch.isclose(FitNet(s, t, **{**HINT_ONLY, "weight": 1.0, "pearson": True})(s, t, ctx())["ht"], torch.tensor(4.0), atol=1e-5)
+    assert torch.isclose(FitNet(s, s, **{**HINT_ONLY, "weight": 1.0, "pearson": True})(s, s, ctx())["ht"], torch.tensor(0.0), atol=1e-5)
 
 
 def test_fitnet_pearson_ignores_each_channels_scale_and_offset():
     g = torch.Generator().manual_seed(0)
     s = feats([torch.randn(2, 3, 4, 4, generator=g)])
     t = feats([torch.randn(2, 3, 4, 4, generator=g)])
-    m = FitNet(s, t, weight=1.0, pearson=True)
+    m = FitNet(s, t, **{**HINT_ONLY, "weight": 1.0, "pearson": True})
     scale, shift = torch.tensor([0.5, 1.0, 50.0]).view(1, 3, 1, 1), torch.tensor([3.0, -2.0, 0.5]).view(1, 3, 1, 1)
     t2 = feats([t.neck[0] * scale + shift])
     assert torch.isclose(m(s, t, ctx())["ht"], m(s, t2, ctx())["ht"], rtol=1e-4)
-    plain = FitNet(s, t, weight=1.0)
+    plain = FitNet(s, t, weight=1.0, **HINT_ONLY)
     assert not torch.isclose(plain(s, t, ctx())["ht"], plain(s, t2, ctx())["ht"])  # the MSE is not blind to it
 
 
@@ -209,28 +213,34 @@ def test_dfd_transformation_width(cap, expected):
     assert m.transform[0][0].out_channels == expected  # Tab. 5: 2C, optionally capped
 
 
+def terms_of(capped: dict, task_scaled: dict | None = None) -> dict:
+    from yolokd.methods.base import Term
+
+    return {**{k: Term(v) for k, v in capped.items()}, **{k: Term(v, capped=False) for k, v in (task_scaled or {}).items()}}
+
+
 def test_kd_max_ratio_caps_but_never_boosts():
-    from yolokd.criterion import cap_ratio
+    from yolokd.criterion import scale_terms
 
     a, b = torch.tensor(3.0, requires_grad=True), torch.tensor(1.0, requires_grad=True)
-    capped, scale = cap_ratio({"a": a, "b": b}, task=torch.tensor(8.0), max_ratio=0.25)  # cap = 2, kd = 4 -> x 0.5
+    capped, scale = scale_terms(terms_of({"a": a, "b": b}), task=torch.tensor(8.0), max_ratio=0.25)  # cap 2, kd 4
     assert torch.isclose(capped["a"], torch.tensor(1.5)) and torch.isclose(capped["b"], torch.tensor(0.5))
     capped["a"].backward()
     assert torch.isclose(a.grad, torch.tensor(0.5))  # the factor is a constant: gradients scale, directions stay
-    same, unbound = cap_ratio({"a": a, "b": b}, task=torch.tensor(8.0), max_ratio=1.0)  # kd 4 <= 8: untouched
+    same, unbound = scale_terms(terms_of({"a": a, "b": b}), task=torch.tensor(8.0), max_ratio=1.0)  # kd 4 <= 8
     assert torch.equal(same["a"], a) and torch.equal(same["b"], b)
     assert scale == 0.5 and unbound == 1  # the scale factor the criterion logs as kd_scale
-    assert cap_ratio({"a": a}, task=torch.tensor(0.1), max_ratio=0.0)[0]["a"] is a  # 0 = off
+    assert torch.equal(scale_terms(terms_of({"a": a}), task=torch.tensor(0.1), max_ratio=0.0)[0]["a"], a)  # 0 = off
 
 
 def test_kd_max_ratio_leaves_task_scaled_terms_alone():
-    from yolokd.criterion import cap_ratio
+    from yolokd.criterion import scale_terms
 
-    terms = {"dfd_hd": torch.tensor(3.0), "dfd_ld": torch.tensor(1.0), "ld_cls": torch.tensor(5.0)}
-    out, _ = cap_ratio(terms, task=torch.tensor(8.0), max_ratio=0.25, exempt=frozenset({"ld_cls"}))
-    assert out["ld_cls"] is terms["ld_cls"]  # not counted, not scaled
+    terms = terms_of({"dfd_hd": torch.tensor(3.0), "dfd_ld": torch.tensor(1.0)}, {"ld_cls": torch.tensor(5.0)})
+    out, _ = scale_terms(terms, task=torch.tensor(8.0), max_ratio=0.25)
+    assert out["ld_cls"] is terms["ld_cls"].value  # not counted, not scaled
     assert out["dfd_hd"].item() == pytest.approx(1.5) and out["dfd_ld"].item() == pytest.approx(0.5)  # 4 -> 2
-    assert cap_ratio({"ld_cls": torch.tensor(50.0)}, torch.tensor(1.0), 0.25, frozenset({"ld_cls"}))[0]["ld_cls"] == 50
+    assert scale_terms(terms_of({}, {"ld_cls": torch.tensor(50.0)}), torch.tensor(1.0), 0.25)[0]["ld_cls"] == 50
 
 
 def test_kd_fade_schedule():
@@ -243,17 +253,17 @@ def test_kd_fade_schedule():
 
 
 def test_kd_fade_scales_capped_terms_only():
-    from yolokd.criterion import cap_ratio
+    from yolokd.criterion import scale_terms
 
-    terms = {"dfd_hd": torch.tensor(3.0), "dfd_ld": torch.tensor(1.0), "ld_cls": torch.tensor(5.0)}
-    out, _ = cap_ratio(terms, task=torch.tensor(8.0), max_ratio=0.25, exempt=frozenset({"ld_cls"}), weight=0.5)
-    assert out["ld_cls"] is terms["ld_cls"]  # exempt methods are never faded
+    terms = terms_of({"dfd_hd": torch.tensor(3.0), "dfd_ld": torch.tensor(1.0)}, {"ld_cls": torch.tensor(5.0)})
+    out, _ = scale_terms(terms, task=torch.tensor(8.0), max_ratio=0.25, weight=0.5)
+    assert out["ld_cls"] is terms["ld_cls"].value  # task-scaled terms are never faded
     assert out["dfd_hd"].item() == pytest.approx(0.75) and out["dfd_ld"].item() == pytest.approx(0.25)  # cap, then x 0.5
-    no_cap, _ = cap_ratio({"a": torch.tensor(2.0)}, task=torch.tensor(1.0), max_ratio=0.0, weight=0.25)
+    no_cap, _ = scale_terms(terms_of({"a": torch.tensor(2.0)}), task=torch.tensor(1.0), max_ratio=0.0, weight=0.25)
     assert no_cap["a"].item() == pytest.approx(0.5)  # the fade acts without the cap too
 
 
-def test_task_scaled_columns_come_from_ld_only():
+def test_task_scaled_terms_are_ld_only():
     from yolokd.config import kd_defaults
     from yolokd.methods.base import MethodSet
 
@@ -262,4 +272,4 @@ def test_task_scaled_columns_come_from_ld_only():
     s, t, c = random_case(16)
     ms = MethodSet(["pfi", "ld"], s, t, type("Args", (), kd_defaults()))
     terms = ms(s, t, c)
-    assert ms.task_scaled_columns(terms) == {"ld_cls", "ld_box"} and "pfi" in terms
+    assert {k for k, v in terms.items() if not v.capped} == {"ld_cls", "ld_box"} and terms["pfi"].capped

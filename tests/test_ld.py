@@ -13,7 +13,8 @@ from tests.test_methods_pred_guided import ctx, feats, logit, random_case
 
 
 def ld(cls_weight=1.0, box_weight=1.0, temperature=1.0):
-    return DensePredictionKD(None, None, cls_weight=cls_weight, box_weight=box_weight, temperature=temperature)
+    return DensePredictionKD(None, None, cls_weight=cls_weight, box_weight=box_weight, temperature=temperature,
+                             assign="student")
 
 
 def one_image(p_s, p_t, boxes_s, boxes_t):

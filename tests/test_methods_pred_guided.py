@@ -74,7 +74,7 @@ def test_disagreement_hand_values():
 def test_pdf_hand_value(kind, level1):
     # level 1: D = (0.5, 0.5) [l2] -> W = (1, 1); D = (0.7, 0.5) [l1] -> W = (7/6, 5/6). Level 2: one position, W = 1.
     s, t = pdf_case()
-    m = PDFDistil(s, t, weight=5.0, disagreement=kind)
+    m = PDFDistil(s, t, weight=5.0, disagreement=kind, projector="conv")
     assert torch.isclose(m(s, t, ctx())["loss"], torch.tensor(5.0 * (level1 + 4.0) / 2))
 
 
@@ -82,7 +82,7 @@ def test_pdf_zero_when_adapted_student_equals_teacher():
     torch.manual_seed(0)
     neck = [torch.randn(2, 4, 4, 4), torch.randn(2, 4, 2, 2)]
     s = feats(neck, torch.randn(2, 3, 20))
-    m = PDFDistil(s, feats(neck, torch.randn(2, 3, 20)), weight=5.0, disagreement="l2")
+    m = PDFDistil(s, feats(neck, torch.randn(2, 3, 20)), weight=5.0, disagreement="l2", projector="conv")
     assert m(s, feats([x.clone() for x in neck], torch.randn(2, 3, 20)), ctx(b=2))["loss"] == 0
 
 
@@ -101,7 +101,7 @@ def test_pdf_no_gradient_to_student_logits():
     zs = torch.randn(2, 3, 20, requires_grad=True)
     s = feats([torch.randn(2, 4, 4, 4, requires_grad=True), torch.randn(2, 4, 2, 2)], zs)
     t = feats([torch.randn(2, 6, 4, 4), torch.randn(2, 6, 2, 2)], torch.randn(2, 3, 20))
-    loss = PDFDistil(s, t, weight=5.0, disagreement="l2")(s, t, ctx(b=2))["loss"]
+    loss = PDFDistil(s, t, weight=5.0, disagreement="l2", projector="conv")(s, t, ctx(b=2))["loss"]
     g_z, g_x = torch.autograd.grad(loss, [zs, s.neck[0]], allow_unused=True)
     assert g_z is None and g_x.abs().sum() > 0
 
@@ -112,7 +112,7 @@ def test_pdf_uniform_disagreement_equals_fitnet():
     t_neck = [torch.randn(2, 5, 4, 4), torch.randn(2, 5, 2, 2)]
     s = feats(s_neck, torch.zeros(2, 2, 20))
     t = feats(t_neck, torch.ones(2, 2, 20))  # the same disagreement at every position
-    pdf, fit = PDFDistil(s, t, weight=5.0, disagreement="l2"), FitNet(s, t, weight=5.0)
+    pdf, fit = PDFDistil(s, t, weight=5.0, disagreement="l2", projector="conv"), FitNet(s, t, weight=5.0, kd_weight=0.0, hint_share=1.0, projector="conv", pearson=False)
     fit.align.load_state_dict(pdf.align.state_dict())
     assert torch.isclose(pdf(s, t, ctx(b=2))["loss"], fit(s, t, ctx(b=2))["ht"])
 
@@ -120,7 +120,7 @@ def test_pdf_uniform_disagreement_equals_fitnet():
 def test_pdf_rejects_unknown_disagreement():
     s, t = pdf_case()
     with pytest.raises(ValueError, match="pdf_disagreement"):
-        PDFDistil(s, t, weight=5.0, disagreement="l3")
+        PDFDistil(s, t, weight=5.0, disagreement="l3", projector="conv")
 
 
 # ------------------------------------------------------------------------------------------------ PFI

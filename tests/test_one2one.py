@@ -14,11 +14,10 @@ import torch
 from ultralytics.cfg import get_cfg
 from ultralytics.nn.tasks import DetectionModel
 
-from yolokd.checks import dry_forward
 from yolokd.config import kd_defaults
-from yolokd.criterion import DistillationLoss
-from yolokd.methods.base import MethodSet, StepContext, get_method
-from yolokd.taps import Taps, assign_like, assigner_of, raw_forward
+from yolokd.criterion import build_distillation
+from yolokd.methods.base import StepContext
+from yolokd.taps import assign_like, assigner_of, raw_forward
 
 NC = 3
 
@@ -36,13 +35,8 @@ def setup(method: str, teacher_cfg: str | None, one2one: bool = True, **kw):
             for name, p in model.named_parameters() if model is not None else ():
                 if "one2one" in name:
                     p.add_(0.2 * torch.randn_like(p))
-    names = method.split("+")
-    wanted = set().union(*(get_method(n).taps for n in names))
-    s_taps, t_taps = Taps(student, wanted), Taps(teacher, wanted) if teacher else None
-    methods = MethodSet(names, s_taps.collect(dry_forward(student, 64)),
-                        t_taps.collect(dry_forward(teacher, 64)) if teacher else None, args)
-    crit = DistillationLoss(student.init_criterion(), s_taps, teacher, t_taps, methods, one2one=one2one)
-    return student, teacher, crit
+    args.kd_one2one = one2one
+    return student, teacher, build_distillation(method.split("+"), student, teacher, args).install(student)
 
 
 def batch(b: int = 2):

@@ -145,8 +145,8 @@ def test_cli_train_synthetic(teacher, train_kwargs, capsys):
 PGD_COLS, RM_COLS = ["pgd_cls", "pgd_reg", "pgd_att"], ["rm_cls", "rm_loc"]
 
 
-@pytest.mark.parametrize("method,columns", [  # kd_scale: the cap's factor, logged when a term is capped (not ld's)
-    ("pdf", ["kd_scale"]), ("pfi", ["kd_scale"]), ("rm", [*RM_COLS, "kd_scale"]),
+@pytest.mark.parametrize("method,columns", [  # kd_scale: the cap's factor, logged when a term is capped (not ld's);
+    ("pdf", ["kd_scale"]), ("pfi", ["kd_scale"]), ("rm", [*RM_COLS, "kd_scale"]),  # kd_skip: share of dropped steps
     ("rmpfi", ["rmpfi_cls", "rmpfi_loc", "rmpfi_pfi", "kd_scale"]), ("pgd", [*PGD_COLS, "kd_scale"]),
     ("dfd+pgd+rm", ["dfd_hd", "dfd_ld", *PGD_COLS, *RM_COLS, "kd_scale"]), ("ld", ["ld_cls", "ld_box"]),
     ("fitnet", ["fitnet_ht", "fitnet_kd", "kd_scale"]),
@@ -157,7 +157,7 @@ def test_every_method_trains_a_yolo11_student(method, columns, teacher, tiny_dat
     assert math.isfinite(row["train/kd_loss"]) and row["train/kd_loss"] > 0
     logged = sorted(k[len("train/"):] for k in row if k.startswith("train/") and k.split("/")[1] not in
                     {"box_loss", "cls_loss", "dfl_loss", "kd_loss"})
-    assert logged == sorted(columns)
+    assert logged == sorted([*columns, "kd_skip"]) and row["train/kd_skip"] == 0
     assert all(math.isfinite(row[f"train/{c}"]) for c in columns)
     assert all(len(c) <= 10 for c in columns)  # Ultralytics' progress bar prints 11-wide columns
     if "kd_scale" in columns:

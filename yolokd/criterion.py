@@ -1,18 +1,36 @@
-"""`DistillationLoss`: the student's Ultralytics criterion plus the distillation terms, in one call.
+"""The distillation loss: the student's Ultralytics criterion plus the methods' terms, in one call.
 
-The trainer installs it as `student.criterion`. That is the one seam inside the autograd window (inside autocast
-and the DDP forward), and it keeps `trainer.model` a plain `DetectionModel`, so EMA, validation, checkpoints,
-export and predict stay vanilla Ultralytics. It is a plain object, not an `nn.Module`: nothing of it becomes part
-of the student's state, and a deep copy or pickle of the student turns it into `None` (see `__reduce__`), which
-Ultralytics then rebuilds as its own criterion.
+`build_distillation` is the one place that wires taps, methods and loss for a student, a teacher and the train
+arguments; the trainer, `yolokd overhead` and the tests call it. `DistillationLoss.install` makes it the student's
+criterion: the one seam inside the autograd window (inside autocast and the DDP forward) that keeps `trainer.model`
+a plain `DetectionModel`, so EMA, validation, checkpoints, export and predict stay vanilla Ultralytics. It is a
+plain object, not an `nn.Module`: nothing of it becomes part of the student's state, and a deep copy or pickle of
+the student turns it into `None` (see `__reduce__`), which Ultralytics then rebuilds as its own criterion.
+
+How a method's raw term becomes loss, in order (`DistillationLoss.__call__` and `scale_terms`, nowhere else):
+1. the method multiplies its raw batch-mean term by its paper weight (`<method>_<key>=` arguments) and returns it;
+   `MethodSet` hands it on as a `Term` named `<method>_<term>`, marked `capped` unless the method declares the term
+   `task_scaled` (normalised like Ultralytics' own losses: `ld`, FitNets' KD term);
+2. YOLO26 (end-to-end head): a head-level term is computed on both branches and mixed like `E2ELoss` mixes its
+   two task losses, o2m * T(one2many) + o2o * T(one2one) (see `DistillationLoss`);
+3. a non-finite term drops the whole distillation contribution of that step (column `kd_skip`, a warning naming
+   the term once), so an inf or NaN never reaches the weights and the cap never multiplies one;
+4. `kd_max_ratio`: the capped terms are scaled by one detached factor so that their sum is at most that share of
+   the task loss, never up (column `kd_scale`);
+5. `kd_fade`: the capped terms are multiplied by the fade schedule (`fade_factor`);
+6. the sum of all terms is `kd_loss`; it is multiplied by the batch size, as Ultralytics' loss vector is, and
+   appended to it.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from ultralytics.utils import LOGGER
 
-from yolokd.methods.base import MethodSet, StepContext
+from yolokd.checks import dry_forward
+from yolokd.config import kd_defaults
+from yolokd.methods.base import MethodSet, StepContext, Term, get_method
 from yolokd.taps import (
     BRANCHES,
     Features,
@@ -24,11 +42,6 @@ from yolokd.taps import (
     head_of,
     raw_forward,
 )
-
-
-def _branch(t: Features | None, branch: str) -> Features | None:
-    """The teacher's features of `branch` (None stays None)."""
-    return t if t is None or branch == "one2many" else t.one2one
 
 
 def fade_factor(epoch: int, epochs: int, fade: float) -> float:
@@ -43,32 +56,29 @@ def fade_factor(epoch: int, epochs: int, fade: float) -> float:
     return min(1.0, max(0.0, (epochs - 1 - epoch) / (fade * epochs)))
 
 
-def cap_ratio(terms: dict[str, torch.Tensor], task: torch.Tensor, max_ratio: float,
-              exempt: frozenset[str] = frozenset(), weight: float = 1.0) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Scale the terms by one detached factor so that their sum is at most `max_ratio * task` (never scaled up).
+def scale_terms(terms: dict[str, Term], task: torch.Tensor, max_ratio: float,
+                weight: float = 1.0) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Steps 4-5 of the module docstring: cap, then fade, the `capped` terms; the others pass unchanged.
 
-    A safety valve for loss scale: a paper's weights were tuned for other features (mmdet FPNs, 640 px, two-stage
-    heads); with YOLO features the same weights can make the KD term many times the task loss, and the student
-    ends worse than without a teacher. Terms named in `exempt` (methods normalised like the task loss itself,
-    `DistillMethod.task_scaled`) are neither counted nor scaled. `max_ratio <= 0` does not cap. The capped terms
-    are then multiplied by `weight` (the `kd_fade` schedule, `fade_factor`).
+    The cap is a safety valve for loss scale: a paper's weights were tuned for other features (mmdet FPNs, 640 px,
+    two-stage heads); with YOLO features the same weights can make the KD term many times the task loss, and the
+    student ends worse than without a teacher. The factor is `max_ratio * task / sum(capped)`, at most 1, detached
+    (it scales gradients, not their directions); `max_ratio <= 0` does not cap. `weight` is the `kd_fade` factor.
 
     Returns:
-        the terms, and the cap's scale factor (a detached scalar, 1 when the cap does not bind or is off), which the
-        criterion logs as `kd_scale`: when it stays below 1, the methods' own weights only set ratios between terms.
+        the terms' values, and the cap's factor (a detached scalar, 1 when the cap does not bind or is off), which
+        the criterion logs as `kd_scale`: while it stays below 1, the methods' own weights only set ratios.
     """
-    capped = [k for k in terms if k not in exempt]
-    scale = task.new_ones(())
-    if not capped or (max_ratio <= 0 and weight == 1.0):
-        return terms, scale
-    if max_ratio > 0:
-        kd = torch.stack([terms[k] for k in capped]).sum().detach()
+    capped = [t.value for t in terms.values() if t.capped]
+    scale = task.new_ones(()).detach()
+    if capped and max_ratio > 0:
+        kd = torch.stack(capped).sum().detach()
         scale = (max_ratio * task.detach() / kd.clamp_min(1e-12)).clamp(max=1.0)
-    return {k: v if k in exempt else v * (scale * weight) for k, v in terms.items()}, scale
+    return {k: t.value * (scale * weight) if t.capped else t.value for k, t in terms.items()}, scale
 
 
 def broadcast_from_rank0(module: nn.Module) -> None:
-    """Under DDP, give every rank rank 0's parameters and buffers (adapters fitted on each rank's own batch)."""
+    """Under DDP, give every rank rank 0's parameters and buffers (e.g. adapters initialised on each rank)."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -76,18 +86,21 @@ def broadcast_from_rank0(module: nn.Module) -> None:
             dist.broadcast(x.data, src=0)
 
 
+def _branch(t: Features | None, branch: str) -> Features | None:
+    """The teacher's features of `branch` (None stays None)."""
+    return t if t is None or branch == "one2many" else t.one2one
+
+
 class DistillationLoss:
-    """Task loss of the student + sum of the methods' weighted terms, logged as `kd_loss` and one column per term.
+    """Task loss of the student + the methods' terms, logged as `kd_loss` and one column per term.
 
     Args:
-        task: the student's own Ultralytics criterion (`v8DetectionLoss` or `E2ELoss`).
-        student_taps: taps on the student.
-        teacher: the frozen teacher detector (eval mode), or None for teacher-free methods / plain training.
+        methods: the methods to apply (owns the adapters).
+        teacher: the frozen teacher detector (eval mode), or None for teacher-free methods (DICOD).
         teacher_taps: taps on the teacher.
-        methods: the methods to apply (owns the adapters); None trains a plain student.
         trainer: read for `epoch` / `epochs` only.
-        max_ratio: `kd_max_ratio` (see `cap_ratio`).
-        fade: `kd_fade` (see `fade_factor`); like the cap, it acts on the terms of methods that are not `task_scaled`.
+        max_ratio: `kd_max_ratio` (see `scale_terms`).
+        fade: `kd_fade` (see `fade_factor`); like the cap, it acts on the capped terms only.
         one2one: `kd_one2one`: with an end-to-end student (YOLO26), also distil its one-to-one head (see below).
 
     End-to-end students. `E2ELoss` trains the one-to-many branch (dense assignment, top-10) and the one-to-one
@@ -99,21 +112,32 @@ class DistillationLoss:
     a one-to-one branch (v8/11 teaching 26) has no one-to-one targets to give: only one-to-many is distilled.
     """
 
-    def __init__(self, task, student_taps: Taps, teacher: nn.Module | None, teacher_taps: Taps | None,
-                 methods: MethodSet | None, trainer=None, max_ratio: float = 0.0, fade: float = 0.0,
-                 one2one: bool = True):
-        self.task, self.student_taps, self.max_ratio, self.fade = task, student_taps, max_ratio, fade
-        self.teacher, self.teacher_taps, self.methods, self.trainer = teacher, teacher_taps, methods, trainer
-        teacher_has_o2o = teacher is None or getattr(head_of(teacher), "one2one_cv2", None) is not None
-        self.branches = [b for b in BRANCHES if assigner_of(task, b) is not None
-                         and (b == "one2many" or (one2one and teacher_has_o2o))]
-        self.recorders = {b: _AssignmentRecorder() for b in self.branches}
-        self._handles = [assigner_of(task, b).register_forward_hook(self.recorders[b]) for b in self.branches]
+    def __init__(self, methods: MethodSet, teacher: nn.Module | None, teacher_taps: Taps | None, trainer=None,
+                 max_ratio: float = 0.0, fade: float = 0.0, one2one: bool = True):
+        self.methods, self.teacher, self.teacher_taps, self.trainer = methods, teacher, teacher_taps, trainer
+        self.max_ratio, self.fade, self.one2one = max_ratio, fade, one2one
+        self.task = self.student_taps = None
+        self.branches: list[str] = []
+        self.recorders: dict[str, _AssignmentRecorder] = {}
         self.teacher_assignment: dict[str, _TeacherAssignment] = {}
-        if teacher is not None and methods is not None and methods.teacher_assigns:
+        self._handles = []
+        self._warned: set[str] = set()
+
+    def install(self, student: nn.Module) -> DistillationLoss:
+        """Become `student`'s criterion, wrapping its Ultralytics one, and hook its head and assigners."""
+        self.task = getattr(student, "criterion", None) or student.init_criterion()
+        self.student_taps = Taps(student, self.methods.taps)
+        teacher_has_o2o = self.teacher is None or getattr(head_of(self.teacher), "one2one_cv2", None) is not None
+        self.branches = [b for b in BRANCHES if assigner_of(self.task, b) is not None
+                         and (b == "one2many" or (self.one2one and teacher_has_o2o))]
+        self.recorders = {b: _AssignmentRecorder() for b in self.branches}
+        self._handles = [assigner_of(self.task, b).register_forward_hook(self.recorders[b]) for b in self.branches]
+        if self.teacher is not None and self.methods.teacher_assigns:
             self.teacher_assignment = {b: _TeacherAssignment() for b in self.branches}
-            self._handles += [assigner_of(task, b).register_forward_pre_hook(self.teacher_assignment[b])
+            self._handles += [assigner_of(self.task, b).register_forward_pre_hook(self.teacher_assignment[b])
                               for b in self.branches]
+        student.criterion = self
+        return self
 
     @property
     def assignment(self) -> _AssignmentRecorder:
@@ -122,8 +146,6 @@ class DistillationLoss:
 
     def __call__(self, preds, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Ultralytics criterion contract: `(loss_vector * batch_size, {name: detached scalar})`."""
-        if self.methods is None:
-            return self.task(preds, batch)
         t = None
         if self.teacher is not None:
             with torch.no_grad():  # fp32 once per step, shared by the assignment, the fit and the terms
@@ -136,20 +158,33 @@ class DistillationLoss:
             for hook in self.teacher_assignment.values():
                 hook.clear()
         s = self.student_taps.collect(preds).float()
+        n = batch["img"].shape[0]
         with torch.autocast(batch["img"].device.type, enabled=False):
             if self.methods.fit_adapters(s, t):
                 broadcast_from_rank0(self.methods)
             terms = self._branch_terms(s, t, batch)
-            terms, scale = cap_ratio(terms, loss.detach().float().sum() / batch["img"].shape[0], self.max_ratio,
-                                     self.methods.task_scaled_columns(terms), fade_factor(self._epoch, self._epochs,
-                                                                                          self.fade))
-        kd = torch.stack(list(terms.values())).sum()
+            bad = [k for k, v in terms.items() if not torch.isfinite(v.value).all()]
+            if bad:  # step 3: drop this step's distillation; nothing non-finite enters the graph
+                self._warn_once(bad)
+                terms = {k: Term(torch.zeros((), device=v.value.device), v.capped) for k, v in terms.items()}
+            values, scale = scale_terms(terms, loss.detach().float().sum() / n, self.max_ratio,
+                                        fade_factor(self._epoch, self._epochs, self.fade))
+        kd = torch.stack(list(values.values())).sum()
         items = {**items, "kd_loss": kd.detach()}
-        if len(terms) > 1:
-            items.update({k: v.detach() for k, v in terms.items()})
-        if self.max_ratio > 0 and len(self.methods.task_scaled_columns(terms)) < len(terms):
-            items["kd_scale"] = scale.detach()
-        return torch.cat([loss, (kd * batch["img"].shape[0]).view(1).to(loss.dtype)]), items
+        if len(values) > 1:
+            items.update({k: v.detach() for k, v in values.items()})
+        if self.max_ratio > 0 and self.methods.caps_any_term:
+            items["kd_scale"] = scale
+        items["kd_skip"] = kd.new_tensor(float(bool(bad)))
+        return torch.cat([loss, (kd * n).view(1).to(loss.dtype)]), items
+
+    def _warn_once(self, columns: list[str]) -> None:
+        new = [c for c in columns if c not in self._warned]
+        if new:
+            self._warned.update(new)
+            LOGGER.warning(f"yolokd: {', '.join(new)} not finite at epoch {self._epoch + 1}: this step's distillation "
+                           "terms are dropped (the share of dropped steps is the kd_skip column). Lower the method's "
+                           "weights or check the teacher if it recurs.")
 
     @property
     def _epoch(self) -> int:
@@ -159,7 +194,7 @@ class DistillationLoss:
     def _epochs(self) -> int:
         return getattr(self.trainer, "epochs", 1)
 
-    def _context(self, branch: str, s: Features, t: Features | None, batch: dict) -> StepContext:
+    def _context(self, branch: str, t: Features | None, batch: dict) -> StepContext:
         """The step's facts for one branch: its recorded assignment, and the teacher's assignment of it when a
         method asks for the teacher's positives (under LAD the task assignment already is the teacher's)."""
         assign = self.recorders[branch].last
@@ -170,16 +205,16 @@ class DistillationLoss:
         return StepContext(batch=batch, assign=assign, teacher_assign=teacher_assign, epoch=self._epoch,
                            epochs=self._epochs, branch=branch)
 
-    def _branch_terms(self, s: Features, t: Features | None, batch: dict) -> dict[str, torch.Tensor]:
-        """The methods' terms on the one-to-many branch, plus, for an end-to-end student, the head-level terms on
-        the one-to-one branch, weighted like `E2ELoss` weights the two task losses (see the class docstring)."""
-        terms = self.methods(s, t, self._context("one2many", s, t, batch))
+    def _branch_terms(self, s: Features, t: Features | None, batch: dict) -> dict[str, Term]:
+        """Steps 1-2 of the module docstring: the methods' terms on the one-to-many branch, plus, for an end-to-end
+        student, the head-level terms on the one-to-one branch, weighted like `E2ELoss` weights its task losses."""
+        terms = self.methods(s, t, self._context("one2many", t, batch))
         if "one2one" not in self.branches:
             return terms
-        s2, t2 = s.one2one, _branch(t, "one2one")
-        o2o = self.methods(s2, t2, self._context("one2one", s2, t2, batch), head_only=True)
+        t2 = _branch(t, "one2one")
+        o2o = self.methods(s.one2one, t2, self._context("one2one", t2, batch), head_only=True)
         w_m, w_o = self.task.o2m, self.task.o2o
-        return {k: w_m * v + w_o * o2o[k] if k in o2o else v for k, v in terms.items()}
+        return {k: Term(w_m * v.value + w_o * o2o[k].value, v.capped) if k in o2o else v for k, v in terms.items()}
 
     def update(self):
         """Forward the per-epoch schedule update of end-to-end criteria (`E2ELoss.update`)."""
@@ -203,3 +238,28 @@ class DistillationLoss:
     def __reduce__(self):
         """Copies and pickles of a student holding this loss get `criterion=None`: the teacher never travels."""
         return type(None), ()
+
+
+def build_distillation(names: list[str], student: nn.Module, teacher: nn.Module | None, args,
+                       trainer=None, device: torch.device | str | None = None) -> DistillationLoss:
+    """The distillation of `student` by `teacher` (frozen, or None) with the methods `names` and the train
+    arguments `args` (a namespace with yolokd's keys: `kd_max_ratio`, `kd_fade`, `kd_one2one`, the methods'),
+    its adapters on `device` (default: the student's).
+
+    The methods' adapters are sized from one dry forward of each model. Nothing is hooked on the student until
+    `install(student)`: the trainer installs it after Ultralytics has copied the student into its EMA.
+    """
+    imgsz = max(64, 2 * int(student.stride.max()))
+    wanted = set().union(*(get_method(n).taps for n in names))
+    s_taps = Taps(student, wanted)
+    s_feats = s_taps.collect(dry_forward(student, imgsz))
+    s_taps.remove()
+    teacher_taps = t_feats = None
+    if teacher is not None:
+        teacher_taps = Taps(teacher, wanted)
+        t_feats = teacher_taps.collect(dry_forward(teacher, imgsz))
+    methods = MethodSet(names, s_feats, t_feats, args).to(device or next(student.parameters()).device)
+    defaults = kd_defaults()  # for a namespace without yolokd's keys (Python callers): cfg/default.yaml's values
+    arg = lambda key: getattr(args, key, defaults[key])  # noqa: E731
+    return DistillationLoss(methods, teacher, teacher_taps, trainer, max_ratio=float(arg("kd_max_ratio") or 0.0),
+                            fade=float(arg("kd_fade") or 0.0), one2one=bool(arg("kd_one2one")))

@@ -7,8 +7,8 @@
 What it changes, and where (everything else is the Ultralytics training loop, untouched):
 - `__init__`: merges yolokd's arguments into the config and runs every check before Ultralytics creates the run
   folder; resolves `data=synthetic`.
-- `setup_model`: loads and freezes the teacher, sizes the methods' adapters from a dry forward pass, restores them
-  on `resume=True`.
+- `setup_model`: loads and freezes the teacher, builds the distillation (`build_distillation`: the methods' adapters
+  sized from a dry forward pass), restores the adapters on `resume=True`.
 - `build_optimizer`: adds the adapters' parameters to Ultralytics' parameter groups (same lr schedule, decay rules).
 - `_setup_train`: installs `DistillationLoss` as the student's criterion (after EMA creation, so the EMA and the
   checkpoints never see it).
@@ -28,19 +28,12 @@ from ultralytics.models.yolo.detect import DetectionTrainer, DetectionValidator
 from ultralytics.utils import LOGGER, RANK, colorstr
 from ultralytics.utils.torch_utils import unwrap_model
 
-from yolokd.checks import (
-    DistillationConfigError,
-    check_classes,
-    check_strides,
-    dry_forward,
-    freeze,
-    load_detector,
-)
+from yolokd.checks import DistillationConfigError, check_classes, check_strides, freeze, load_detector
 from yolokd.config import check_kd_types, full_defaults, split_kd_args
-from yolokd.criterion import DistillationLoss
+from yolokd.criterion import build_distillation
 from yolokd.data.synthetic import resolve_data
 from yolokd.methods.base import MethodSet, check_adapter_init, get_method, parse_methods
-from yolokd.taps import Taps, strip_taps
+from yolokd.taps import strip_taps
 
 DEFAULT_METHOD = "ld"  # the method that beat the plain student in docs/benchmarks.md
 BUILTIN = "ultralytics"  # method name that hands distillation to Ultralytics' own `distill_model=`
@@ -70,7 +63,7 @@ class DistillationTrainer(DetectionTrainer):
         check_dict_alignment(base, overrides)  # misspelt keys fail first, with the nearest valid names
         if overrides.get("data"):
             overrides["data"] = resolve_data(overrides["data"])
-        self.teacher = self.teacher_taps = self.kd_methods = None
+        self.teacher = self.distillation = None
         self._preflight = None if overrides.get("resume") else self._check_inputs(overrides)
         if overrides.get("method") == BUILTIN and not overrides.get("resume"):
             overrides["distill_model"] = overrides["teacher"]  # Ultralytics loads and wraps the teacher itself
@@ -115,7 +108,7 @@ class DistillationTrainer(DetectionTrainer):
 
     # ---------------------------------------------------------------- model, teacher, adapters
     def setup_model(self):
-        """Build the student as Ultralytics does, then the frozen teacher and the methods' adapters."""
+        """Build the student as Ultralytics does, then the frozen teacher and the distillation (its adapters)."""
         ckpt = super().setup_model()
         names = self.kd_method_names
         if not names:
@@ -126,16 +119,8 @@ class DistillationTrainer(DetectionTrainer):
         if teacher is not None:
             check_strides(self.model, teacher)
             self.teacher = freeze(teacher.to(self.device).float())
-        imgsz = max(64, 2 * int(self.model.stride.max()))
-        wanted = set().union(*(get_method(n).taps for n in names))
-        s_taps = Taps(self.model, wanted)
-        s_feats = s_taps.collect(dry_forward(self.model, imgsz))
-        s_taps.remove()  # the training taps are installed after the EMA copy is made (see _setup_train)
-        t_feats = None
-        if self.teacher is not None:
-            self.teacher_taps = Taps(self.teacher, wanted)
-            t_feats = self.teacher_taps.collect(dry_forward(self.teacher, imgsz))
-        self.kd_methods = MethodSet(names, s_feats, t_feats, self.args).to(self.device)
+        self.distillation = build_distillation(names, self.model, self.teacher, self.args, trainer=self,
+                                               device=self.device)
         if self.resume:
             self._load_kd_state()
         n_adapt = sum(p.numel() for p in self.kd_methods.parameters() if p.requires_grad)
@@ -144,6 +129,11 @@ class DistillationTrainer(DetectionTrainer):
             f"({n_adapt:,} adapter parameters, trained with the student and never saved in it)"
         )
         return ckpt
+
+    @property
+    def kd_methods(self) -> MethodSet | None:
+        """The methods of this run (they own the adapters), None for plain training."""
+        return self.distillation.methods if self.distillation is not None else None
 
     def build_optimizer(self, model, *args, **kwargs):
         """Ultralytics' optimizer, with the adapters' weights and biases added to its matching parameter groups."""
@@ -159,18 +149,11 @@ class DistillationTrainer(DetectionTrainer):
         return optimizer
 
     def _setup_train(self):
-        """Ultralytics' setup, then the distillation loss installed as the student's criterion."""
+        """Ultralytics' setup, then the distillation loss installed as the student's criterion (after the EMA copy
+        is made, so the EMA and the checkpoints never see it)."""
         super()._setup_train()
-        if self.kd_methods is None:
-            return
-        student = unwrap_model(self.model)
-        task = getattr(student, "criterion", None) or student.init_criterion()
-        student.criterion = DistillationLoss(
-            task, Taps(student, self.kd_methods.taps), self.teacher, self.teacher_taps, self.kd_methods, trainer=self,
-            max_ratio=float(getattr(self.args, "kd_max_ratio", 0.0) or 0.0),
-            fade=float(getattr(self.args, "kd_fade", 0.0) or 0.0),
-            one2one=bool(getattr(self.args, "kd_one2one", True)),
-        )
+        if self.distillation is not None:
+            self.distillation.install(unwrap_model(self.model))
 
     # ---------------------------------------------------------------- step, save, resume
     def optimizer_step(self):

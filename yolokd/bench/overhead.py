@@ -20,11 +20,11 @@ import torch
 from ultralytics.cfg import get_cfg
 from ultralytics.utils import LOGGER
 
-from yolokd.checks import dry_forward, freeze, load_detector
+from yolokd.checks import freeze, load_detector
 from yolokd.config import full_defaults
-from yolokd.criterion import DistillationLoss
-from yolokd.methods.base import MethodSet, get_method, list_methods, parse_methods
-from yolokd.taps import Taps, raw_forward
+from yolokd.criterion import build_distillation
+from yolokd.methods.base import get_method, list_methods, parse_methods
+from yolokd.taps import raw_forward
 
 
 def random_batch(batch: int, imgsz: int, nc: int, objects: int = 4, seed: int = 0) -> dict:
@@ -82,15 +82,11 @@ def measure(model: str, teacher: str, methods: list[str], imgsz: int = 160, batc
     out["teacher"] = median_time(lambda: torch.no_grad()(raw_forward)(t_model, data["img"]), iters, warmup)
     for name in methods:  # a method or a composition ("dfd+ld")
         s, opt = student_and_optimizer()
-        names = parse_methods(name)
-        wanted = set().union(*(get_method(n).taps for n in names))
-        s_taps, t_taps = Taps(s, wanted), Taps(t_model, wanted)
-        feats = s_taps.collect(dry_forward(s, imgsz)), t_taps.collect(dry_forward(t_model, imgsz))
-        kd = MethodSet(names, *feats, args)
+        loss = build_distillation(parse_methods(name), s, t_model, args).install(s)  # the trainer's wiring
+        kd = loss.methods
         opt.add_param_group({"params": [p for p in kd.parameters() if p.requires_grad]})
-        s.criterion = DistillationLoss(s.init_criterion(), s_taps, t_model, t_taps, kd, max_ratio=args.kd_max_ratio)
         out[name] = median_time(lambda: step(s, opt, list(s.parameters()) + list(kd.parameters())), iters, warmup)
-        s.criterion.remove()
+        loss.remove()
     # The first timing of a fresh process runs slower (allocator and kernel caches still cold), which made every
     # method look cheaper than free: time the plain step again now and keep the faster of the two.
     s, opt = student_and_optimizer()

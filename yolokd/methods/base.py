@@ -10,10 +10,13 @@ A method is an `nn.Module` that owns its trainable adapters and computes named, 
         def __init__(self, student: Features, teacher: Features, *, weight: float): ...
         def forward(self, s: Features, t: Features, ctx: StepContext) -> dict[str, Tensor]: ...
 
-`__init__` receives the features of a dry forward pass (for shapes) and the YAML's keys as keyword arguments, so
-a key in the YAML that the method does not take fails at once. `forward` returns batch-mean scalars already
-multiplied by their weights; the distillation loss adds them to the task loss (before Ultralytics' batch-size
-scaling) and logs each one. Teacher tensors arrive detached and every tensor in fp32.
+`__init__` receives the features of a dry forward pass (for shapes) and the YAML's keys as keyword arguments, all
+of them required: `cfg/methods/<name>.yaml` is the only place defaults live (build a method with its defaults
+through `MethodSet` or `build_method`). A key in the YAML that the method does not take fails at once. `forward`
+returns batch-mean scalars already multiplied by their weights. Teacher tensors arrive detached and every tensor in
+fp32. A method declares which of its terms are already on the task loss's scale (`task_scaled`): `MethodSet` hands
+each term on as a `Term` that carries that, and `yolokd/criterion.py` (`scale_terms`) is where the cap and the fade
+act on the others, and the sum joins the task loss.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from torch import nn
 from ultralytics.utils import LOGGER
 
 from yolokd.adapters import fit_aligner
-from yolokd.config import DistillationConfigError, closest, method_hparams
+from yolokd.config import DistillationConfigError, closest, kd_defaults, method_hparams
 from yolokd.taps import Assignment, Features
 
 _REGISTRY: dict[str, type[DistillMethod]] = {}
@@ -48,6 +51,17 @@ def check_adapter_init(value) -> str:
             "(lstsq fits the 1x1 aligners to the first batch; random keeps PyTorch's initialisation)."
         )
     return init
+
+
+@dataclass(frozen=True)
+class Term:
+    """One weighted distillation term of a step, as `MethodSet` hands it to the criterion.
+
+    `capped`: `kd_max_ratio` and `kd_fade` act on it (False for terms normalised like Ultralytics' own losses,
+    which the method declares as `task_scaled`)."""
+
+    value: torch.Tensor
+    capped: bool = True
 
 
 @dataclass
@@ -75,7 +89,8 @@ class DistillMethod(nn.Module):
     taps: ClassVar[frozenset[str]] = frozenset()
     needs_teacher: ClassVar[bool] = True
     uses_args: ClassVar[tuple[str, ...]] = ()  # top-level train arguments it takes as keywords (e.g. cls_teacher)
-    # True: terms normalised like Ultralytics' own losses, which kd_max_ratio skips; or the names of such terms
+    # True: every term is normalised like Ultralytics' own losses (kd_max_ratio and kd_fade skip it); or the names
+    # of such terms
     task_scaled: ClassVar[bool | frozenset[str]] = False
     teacher_assigns: bool = False  # True: the student's task loss is assigned from the teacher's predictions (LAD)
     needs_teacher_positives: ClassVar[bool] = False  # True: `StepContext.teacher_assign` is filled (Rank Mimicking)
@@ -102,6 +117,11 @@ class DistillMethod(nn.Module):
         for child in self.children():
             if isinstance(child, DistillMethod):
                 child.fit_adapters(s, t)
+
+    @classmethod
+    def is_task_scaled(cls, term: str) -> bool:
+        """Whether the method's term `term` is on the task loss's scale (`task_scaled`): then it is not capped."""
+        return cls.task_scaled is True or (bool(cls.task_scaled) and term in cls.task_scaled)
 
     def forward(self, s: Features, t: Features | None, ctx: StepContext) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -148,9 +168,15 @@ def parse_methods(spec: str) -> list[str]:
     return names
 
 
-def _build(cls: type[DistillMethod], student: Features, teacher: Features | None, args) -> DistillMethod:
-    extra = {a: getattr(args, a, None) for a in cls.uses_args}
-    return cls(student, teacher, **method_hparams(cls.name, args), **extra)
+def build_method(name: str, student: Features, teacher: Features | None, args=None, **overrides) -> DistillMethod:
+    """The method `name` with its hyper-parameters from the train arguments `args` (a dict or namespace; missing
+    keys: the YAML defaults), then `overrides` (un-prefixed keys, e.g. `weight=2.0`)."""
+    cls = get_method(name)
+    args = {} if args is None else args
+    get = args.get if isinstance(args, dict) else lambda k, d: getattr(args, k, d)
+    defaults = kd_defaults()
+    extra = {a: get(a, defaults.get(a)) for a in cls.uses_args}
+    return cls(student, teacher, **{**method_hparams(cls.name, args), **extra, **overrides})
 
 
 class MethodSet(nn.Module):
@@ -158,9 +184,7 @@ class MethodSet(nn.Module):
 
     def __init__(self, names: list[str], student: Features, teacher: Features | None, args):
         super().__init__()
-        self.methods = nn.ModuleDict(
-            {n: _build(get_method(n), student, teacher, args) for n in names}
-        )
+        self.methods = nn.ModuleDict({n: build_method(n, student, teacher, args) for n in names})
         init = check_adapter_init(getattr(args, "adapter_init", "random"))
         # saved with the adapters (kd_state.pt), so a resumed run does not fit them again
         self.register_buffer("adapters_fitted", torch.tensor(init == "random"))
@@ -193,24 +217,18 @@ class MethodSet(nn.Module):
         """Union of the branch taps the methods need."""
         return set().union(*(m.taps for m in self.methods.values()))
 
-    def task_scaled_columns(self, terms: dict[str, torch.Tensor]) -> frozenset[str]:
-        """The columns of `terms` (a `forward` output) that come from `task_scaled` methods or terms."""
-        columns = set()
-        for n, m in self.methods.items():
-            if m.task_scaled is True:
-                columns |= {k for k in terms if k == n or k.startswith(f"{n}_")}
-            elif m.task_scaled:
-                columns |= {f"{n}_{k}" for k in m.task_scaled} & terms.keys()
-        return frozenset(columns)
+    @property
+    def caps_any_term(self) -> bool:
+        """True if some term of these methods is capped (not `task_scaled`): the criterion then logs `kd_scale`."""
+        return any(m.task_scaled is not True for m in self.methods.values())
 
-    def forward(self, s: Features, t: Features | None, ctx: StepContext,
-                head_only: bool = False) -> dict[str, torch.Tensor]:
-        """All terms as `{column: weighted scalar}`: `<method>_<term>`, or `<method>` for a one-term method
-        (`head_only`: the `head_level` methods' only)."""
+    def forward(self, s: Features, t: Features | None, ctx: StepContext, head_only: bool = False) -> dict[str, Term]:
+        """All terms as `{column: Term}`: column `<method>_<term>`, or `<method>` for a one-term method; each Term says
+        whether the cap applies, from its method's `task_scaled` (`head_only`: the `head_level` methods' only)."""
         out = {}
         for name, m in self.methods.items():
             if head_only and not m.head_level:
                 continue
-            terms = m(s, t, ctx)
+            terms = {k: Term(v, capped=not m.is_task_scaled(k)) for k, v in m(s, t, ctx).items()}
             out.update({name: next(iter(terms.values()))} if len(terms) == 1 else {f"{name}_{k}": v for k, v in terms.items()})
         return out

@@ -203,9 +203,9 @@ class DICOD(DistillMethod):
         if data is not None:
             check_cls_teacher_names(model, data["names"])
 
-    def __init__(self, student: Features, teacher: Features | None = None, *, cls_teacher: str | None = None,
-                 data=None, temperature: float = 2.0, cls_weight: float = 0.4, loc_weight: float = 0.15,
-                 per_gt: int = 3, max_pos: int = 512, feat_layers: int = 2, crop: int = 0):
+    def __init__(self, student: Features, teacher: Features | None, *, cls_teacher: str | nn.Module | None, data,
+                 temperature: float, cls_weight: float, loc_weight: float, per_gt: int, max_pos: int,
+                 feat_layers: int, crop: int):
         super().__init__()
         model, imgsz = (cls_teacher, None) if isinstance(cls_teacher, nn.Module) else load_cls_teacher(cls_teacher)
         self.classifier = freeze(model)

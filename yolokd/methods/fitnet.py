@@ -57,8 +57,8 @@ class FitNet(DistillMethod):
                 f"fitnet_hint_share={share} is not a share of the epochs: use a number from 0 to 1 "
                 "(1 = the hint in every epoch, 0.5 = the first half, then KD alone)")
 
-    def __init__(self, student: Features, teacher: Features, *, weight: float, kd_weight: float = 0.0,
-                 hint_share: float = 1.0, projector: str = "conv", pearson: bool = False):
+    def __init__(self, student: Features, teacher: Features, *, weight: float, kd_weight: float, hint_share: float,
+                 projector: str, pearson: bool):
         super().__init__()
         self.weight, self.kd_weight, self.hint_share, self.pearson = weight, kd_weight, hint_share, bool(pearson)
         check_choice("fitnet_projector", projector, PROJECTORS)

@@ -26,8 +26,8 @@ YOLO adaptation (ours):
 - `assign: teacher` adds Label Assignment Distillation (Nguyen et al., WACV 2022, arXiv:2108.10520): the student's
   own task loss is assigned from the teacher's class scores and boxes instead of its own (yolokd/taps.py,
   `_TeacherAssignment`); for YOLO26 only the one-to-many branch's assignment is the teacher's. cfg/methods/ld.yaml
-  ships `teacher`: on the 8-epoch CPU profile it raised the share of the gap closed from 38.5 % to 43.2 % over
-  5 seeds (docs/benchmarks.md); the constructor's default is Ultralytics' own assignment;
+  ships `teacher`: on the 8-epoch warm-start CPU profile it raised the share of the gap closed from 38.5 % to
+  43.2 % over 5 seeds (docs/experiments.md);
 - being on the task loss's own scale, it is exempt from `kd_max_ratio` (the cap for feature terms whose paper
   weights were tuned on other features): capped at 0.25, its seed-0 gain on the CPU profile fell from +0.027 to
   +0.017 mAP50-95 (docs/benchmarks.md).
@@ -61,7 +61,7 @@ class DensePredictionKD(DistillMethod):
     task_scaled = True  # normalised like Ultralytics' cls/dfl losses: `kd_max_ratio` does not scale it
 
     def __init__(self, student: Features, teacher: Features, *, cls_weight: float, box_weight: float,
-                 temperature: float, assign: str = "student"):
+                 temperature: float, assign: str):
         super().__init__()
         check_choice("ld_assign", assign, ASSIGNERS)
         self.cls_weight, self.box_weight, self.tau = cls_weight, box_weight, temperature

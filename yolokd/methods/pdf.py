@@ -10,9 +10,9 @@ YOLO adaptation (METHODS.md section 1):
 - one map per image and neck level P3..P5 (the Detect inputs); D from the sigmoid class probabilities of the
   same anchors, L = mean_{b,l}[mean_hw W * mean_c (X^t - Adapt(X^s))^2], weight 5.0. Adapt (`projector`) is the
   paper's 1x1 conv ("conv", identity when the widths match) or the authors' code's branch ("branch": 3x3 conv + BN +
-  activation, then a 1x1 conv; yolokd/adapters.py). cfg/methods/pdf.yaml ships "branch": on the 8-epoch CPU
-  profile it doubled the gain of the 1x1 conv, +0.016 against +0.007 mAP50-95 over 10 seeds
-  (docs/benchmarks.md); the constructor's default stays the paper's;
+  activation, then a 1x1 conv; yolokd/adapters.py). cfg/methods/pdf.yaml ships "branch": on the 8-epoch
+  warm-start CPU profile it doubled the gain of the 1x1 conv, +0.016 against +0.007 mAP50-95 over 10 seeds
+  (docs/experiments.md);
 - per-map normalisation (the paper's Eq. 2) keeps L invariant to image size and level; the authors' code
   normalises over the whole batch and all levels instead;
 - `disagreement`: "l2" = ||sigma(z^t) - sigma(z^s)||_2 over classes (the paper's best, and the paper-era code),
@@ -61,8 +61,7 @@ class PDFDistil(DistillMethod):
     choices = {"disagreement": DISAGREEMENTS, "projector": PROJECTORS}
     head_level = False  # the class scores only weight the neck term (no gradient): read from the one-to-many branch
 
-    def __init__(self, student: Features, teacher: Features, *, weight: float, disagreement: str,
-                 projector: str = "conv"):
+    def __init__(self, student: Features, teacher: Features, *, weight: float, disagreement: str, projector: str):
         super().__init__()
         check_choice("pdf_disagreement", disagreement, DISAGREEMENTS)
         check_choice("pdf_projector", projector, PROJECTORS)
