@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import ultralytics  # noqa: F401  (imported outside capsys, so its log handler keeps a stream that stays open)
 
 from helpers import save_checkpoint
 from yolokd.cli import main
@@ -42,6 +43,13 @@ def _refused(capsys, argv: list[str], folder: Path) -> str:
     (["epochs=3"], "unknown key 'epochs'."),
     (["format=onx"], "yolokd export: error: format=onx is not an export format. Did you mean 'onnx'?"),
     (["format=pt"], "format=pt is not an export format."),
+    (["quantize=8x"], "yolokd export: error: 'quantize=8x' is invalid. Valid 'quantize' values are 8, 16, 32"),
+    (["batch=abc"], "yolokd export: error: 'batch=abc' is of invalid type str."),
+    (["parity_min_match=2"], "yolokd export: error: parity_min_match=2 must be a number from 0 to 1."),
+    (["parity_atol=abc"], "yolokd export: error: parity_atol=abc must be a number from 0 to inf."),
+    (["parity=maybe"], "yolokd export: error: parity=maybe must be True or False."),
+    (["format=torchscript", "quantize=8"], "yolokd export: error: Ultralytics' exporter refused: ERROR ❌️ quantize=8 "
+                                           "(INT8) is not supported; format='torchscript' supports quantize=16"),
 ])
 def test_export_refuses_bad_arguments(capsys, ckpts, args, expected):
     err = _refused(capsys, ["export", f"model={ckpts['det']}", *args], ckpts["det"].parent)

@@ -25,6 +25,7 @@ ENGINE_FORMATS = {"engine", "tensorrt", "trt"}
 FORMAT_ALIASES = {"tensorrt", "trt", "mlmodel", "mlpackage", "mlprogram", "apple", "ios", "huawei", "cann", "om",
                   "vitis", "vitisai", "versal", "tflite", "tfjs"}
 YOLOKD_KEYS = ("model", "parity", "parity_atol", "parity_min_match", "parity_conf")
+PARITY_RANGES = {"parity_atol": (0, float("inf")), "parity_min_match": (0, 1), "parity_conf": (0, 1)}
 
 EXPORT_HELP = """\
 yolokd export model=<student.pt> [format=onnx] [key=value ...]
@@ -60,7 +61,9 @@ def export_keys() -> set[str]:
 
 
 def check_export_args(args: dict[str, Any]) -> None:
-    """Refuse an unknown key (naming the nearest valid ones) or an unknown format, before anything is read."""
+    """Refuse an unknown key (naming the nearest valid ones), a bad value or an unknown format, before anything is
+    read: Ultralytics' own argument checks (`get_cfg`) for its keys, ranges for yolokd's."""
+    from ultralytics.cfg import DEFAULT_CFG_DICT, get_cfg
     from ultralytics.engine.exporter import export_formats
 
     valid = export_keys()
@@ -71,6 +74,17 @@ def check_export_args(args: dict[str, Any]) -> None:
             f"unknown key '{k}'.{closest(k, [*YOLOKD_KEYS, *valid])} Valid keys: yolokd's {', '.join(YOLOKD_KEYS)} "
             f"and Ultralytics' export arguments {', '.join(sorted(valid))}."
         )
+    for key, (low, high) in PARITY_RANGES.items():
+        value = args.get(key)
+        if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                      and low <= value <= high):
+            raise DistillationConfigError(f"{key}={value} must be a number from {low} to {high}.")
+    if args.get("parity", True) not in (True, False):
+        raise DistillationConfigError(f"parity={args['parity']} must be True or False.")
+    try:  # half / int8 are left out: Ultralytics warns that they are deprecated, once is enough (at the export)
+        get_cfg(DEFAULT_CFG_DICT, {k: v for k, v in args.items() if k in valid and k not in ("half", "int8")})
+    except (TypeError, ValueError) as e:
+        raise DistillationConfigError(str(e).strip().splitlines()[0]) from None
     formats = list(export_formats()["Argument"][1:])
     fmt = str(args.get("format", "onnx")).lower()
     if fmt not in formats and fmt not in FORMAT_ALIASES:

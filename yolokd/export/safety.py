@@ -100,8 +100,8 @@ def allowed_global(module: str, name: str) -> Any:
             return obj
     if module == TASK_MODELS and name.endswith("Model"):
         raise RefusedPickle(
-            f"holds an Ultralytics {name}, not a DetectionModel: yolokd exports detection students (YOLOv8 / 11 / 26 "
-            f"detect, not -cls / -seg / -pose / -obb); pass a detection checkpoint"
+            f"holds an Ultralytics {name}, not a DetectionModel: yolokd exports and benchmarks detectors (YOLOv8 / "
+            f"11 / 26 detect, not -cls / -seg / -pose / -obb); pass a detection checkpoint"
         )
     why = (
         "a yolokd class (a distillation hook, adapter or loss saved with the model, which users without yolokd "
