@@ -139,7 +139,7 @@ def test_cmd_crops(det_data, tmp_path, capsys):
     assert cmd_crops([f"data={det_data}", f"out={out}", "pad=0.1", "imgsz=8"]) == 0
     assert "yolo classify train" in capsys.readouterr().out
     assert {cv2.imread(str(f)).shape for f in out.rglob("*.png")} == {(8, 8, 3)}
-    with pytest.raises(SyntaxError, match="unknown argument"):
+    with pytest.raises(SyntaxError, match="'padd' is not an argument of `yolokd crops`. Did you mean 'pad'"):
         cmd_crops([f"data={det_data}", "padd=0.1"])
     with pytest.raises(SyntaxError, match="data= is required"):
         cmd_crops([])

@@ -1,4 +1,4 @@
-"""`yolokd export` and `yolokd benchmark`: help, and bad input refused with one line before anything is written."""
+"""`yolokd export` and `yolokd latency` (earlier name `benchmark`): help, and bad input refused with one line before anything is written."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from yolokd.cli import main
 
 
 @pytest.mark.parametrize("command,usage", [("export", "yolokd export model=<student.pt>"),
-                                           ("benchmark", "yolokd benchmark models=a.pt,b.pt")])
+                                           ("benchmark", "yolokd latency models=a.pt,b.pt"),
+                                           ("latency", "yolokd latency models=a.pt,b.pt")])
 @pytest.mark.parametrize("word", ["help", "--help", "-h"])
 def test_help(capsys, command, usage, word):
     assert main([command, word]) == 0

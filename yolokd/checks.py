@@ -28,8 +28,10 @@ def resolve_weights(spec: str | Path, role: str) -> Path:
     """A local checkpoint path for `spec` (a path, or a name like 'yolov8s' resolved the Ultralytics way).
 
     Ultralytics downloads official weights by name; offline that fails with a network error. This tries the same
-    resolution (local file, then Ultralytics' weights folder / download) and turns a failure into a clear message.
+    resolution (local file, then Ultralytics' weights folder / download) and turns a failure into a clear message
+    naming the argument: `teacher=`, `cls_teacher=`, or `model=` for the student.
     """
+    key = "model" if role == "student" else role
     path = Path(str(spec))
     if not path.suffix:
         path = path.with_suffix(".pt")  # 'yolov8s' -> 'yolov8s.pt', as Ultralytics does for model names
@@ -44,9 +46,9 @@ def resolve_weights(spec: str | Path, role: str) -> Path:
     except Exception:  # offline, unknown asset name, ...: reported below
         pass
     raise DistillationConfigError(
-        f"{role} weights '{spec}' were not found locally and could not be downloaded (offline or not an official "
-        f"Ultralytics asset). Pass a local path ({role}=path/to/{path.name}), or a model .yaml "
-        f"(e.g. {path.stem}.yaml) to start from random weights."
+        f"{key}={spec}: {role} weights not found locally and not downloadable (offline, or not an official "
+        f"Ultralytics asset). Pass a local path ({key}=path/to/{path.name}), or a model .yaml "
+        f"(e.g. {key}={path.stem}.yaml) to start from random weights."
     )
 
 

@@ -7,8 +7,9 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
-from typing import Any, Callable
+from dataclasses import dataclass
 
 from yolokd.config import closest, parse_kv
 
@@ -32,9 +33,6 @@ Examples:
 
 def cmd_train(argv: list[str]) -> int:
     """Train a student with a teacher (or a plain model without one)."""
-    if argv and argv[0] in {"help", "-h", "--help"}:
-        print(train_help())
-        return 0
     from ultralytics import YOLO
 
     from yolokd.checks import resolve_weights
@@ -71,6 +69,8 @@ def cmd_methods(argv: list[str]) -> int:
     from yolokd.config import method_defaults, prefixed
     from yolokd.methods import get_method, list_methods
 
+    if argv:
+        raise SyntaxError(f"yolokd methods takes no arguments (got {' '.join(argv)})")
     for name in list_methods():
         cls = get_method(name)
         print(f"{name:<10} {cls.summary}")
@@ -80,72 +80,70 @@ def cmd_methods(argv: list[str]) -> int:
     return 0
 
 
-def cmd_overhead(argv: list[str]) -> int:
-    """Time the student step, the teacher forward and each method's distillation step."""
-    from yolokd.bench.overhead import cmd_overhead as run
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: `run` and `help` are "module:attribute" (imported only when used, so `yolokd --help` stays
+    cheap); `help` is a string or a function returning one."""
 
-    return run(argv)
-
-
-def cmd_bench(argv: list[str]) -> int:
-    """Teacher vs plain vs distilled students over seeds: mAP, paired gain, gap closed."""
-    from yolokd.bench.gains import cmd_bench as run
-
-    return run(argv)
+    run: str
+    summary: str
+    help: str
 
 
-def cmd_crops(argv: list[str]) -> int:
-    """Cut the ground-truth objects of a detection dataset into an image-classification set."""
-    from yolokd.data.crops import cmd_crops as run
-
-    return run(argv)
-
-
-def cmd_export(argv: list[str]) -> int:
-    """Export a distilled student (clean-student check first, ONNX parity check after)."""
-    from yolokd.export.command import cmd_export as run
-
-    return run(argv)
-
-
-def cmd_benchmark(argv: list[str]) -> int:
-    """Latency on every available runtime, and mAP, of a set of models."""
-    from yolokd.bench.latency import cmd_benchmark as run
-
-    return run(argv)
-
-
-COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
-    "train": (cmd_train, "train a student with a teacher (teacher=, method=), or a plain model"),
-    "methods": (cmd_methods, "list the distillation methods and their defaults"),
-    "crops": (cmd_crops, "cut GT objects of a detection set into a classification set (classifier teacher, dicod)"),
-    "export": (cmd_export, "export a student (onnx, engine, ...) after a clean-student check; ONNX parity check"),
-    "benchmark": (cmd_benchmark, "latency (PyTorch / ONNX Runtime / TensorRT) and mAP of models: CSV, Markdown, PNG"),
-    "bench": (cmd_bench, "accuracy gains: teacher, plain and distilled students over seeds (profile=cpu|cpu8|demo|gpu)"),
-    "overhead": (cmd_overhead, "time student step, teacher forward and each method's KD step (overhead ratio)"),
+COMMANDS: dict[str, Command] = {
+    "train": Command("yolokd.cli:cmd_train", "train a student with a teacher (teacher=, method=), or a plain model",
+                     "yolokd.cli:train_help"),
+    "methods": Command("yolokd.cli:cmd_methods", "list the distillation methods and their defaults",
+                       "yolokd.cli:METHODS_HELP"),
+    "gains": Command("yolokd.bench.gains:cmd_gains", "ACCURACY: does distillation pay? teacher, plain and distilled "
+                     "students trained over seeds (profile=scratch|demo|cpu|cpu8|gpu)", "yolokd.bench.gains:GAINS_HELP"),
+    "latency": Command("yolokd.bench.latency:cmd_benchmark", "SPEED: latency (PyTorch / ONNX Runtime / TensorRT) and "
+                       "mAP of trained models on each runtime", "yolokd.bench.latency:BENCHMARK_HELP"),
+    "overhead": Command("yolokd.bench.overhead:cmd_overhead", "training cost: time of the student step, the teacher "
+                        "forward and each method's KD step", "yolokd.bench.overhead:__doc__"),
+    "crops": Command("yolokd.data.crops:cmd_crops", "cut GT objects of a detection set into a classification set "
+                     "(classifier teacher, dicod)", "yolokd.data.crops:CROPS_HELP"),
+    "export": Command("yolokd.export.command:cmd_export", "export a student (onnx, engine, ...) after a safety check; "
+                      "parity check after", "yolokd.export.command:EXPORT_HELP"),
 }
+ALIASES = {"bench": "gains", "benchmark": "latency"}  # the earlier names, which were easy to confuse
+HELP_WORDS = {"help", "-h", "--help"}
+METHODS_HELP = "yolokd methods: the distillation methods, one line each, with their default hyper-parameters."
+
+
+def _load(ref: str):
+    module, attr = ref.split(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def usage() -> str:
-    return USAGE.format(commands="\n".join(f"  {k:<10} {v[1]}" for k, v in COMMANDS.items()))
+    lines = [f"  {k:<10} {c.summary}" for k, c in COMMANDS.items()]
+    lines += [f"  {k:<10} old name of `{v}`" for k, v in ALIASES.items()]
+    return USAGE.format(commands="\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one subcommand; bad arguments end with a one-paragraph error and exit code 2."""
+    """Run one subcommand; `help`/`--help` after any of them prints its help; bad arguments end with a one-line
+    error and exit code 2, never a traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in {"-h", "--help", "help"}:
+    if not argv or argv[0] in HELP_WORDS:
         print(usage())
         return 0
-    name, rest = argv[0], argv[1:]
+    name, rest = ALIASES.get(argv[0], argv[0]), argv[1:]
     if name not in COMMANDS:
-        print(f"yolokd: unknown command '{name}'.{closest(name, list(COMMANDS))}\n\n{usage()}", file=sys.stderr)
+        print(f"yolokd: unknown command '{name}'.{closest(name, [*COMMANDS, *ALIASES])} "
+              "Run `yolokd --help` for the commands.", file=sys.stderr)
         return 2
-    from yolokd.checks import DistillationConfigError
-
+    command = COMMANDS[name]
+    if rest and rest[0] in HELP_WORDS:
+        text = _load(command.help)
+        print((text() if callable(text) else text).strip())
+        return 0
     try:
-        return COMMANDS[name][0](rest)
-    except (DistillationConfigError, SyntaxError, FileNotFoundError) as e:
-        print(f"yolokd {name}: error: {e}", file=sys.stderr)
+        return _load(command.run)(rest)
+    except (ValueError, SyntaxError, FileNotFoundError) as e:  # DistillationConfigError is a ValueError
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        print(f"yolokd {argv[0]}: error: {first}", file=sys.stderr)
         return 2
 
 

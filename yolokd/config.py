@@ -78,6 +78,18 @@ def full_defaults() -> dict[str, Any]:
     return {**DEFAULT_CFG_DICT, **kd_defaults()}
 
 
+def check_train_keys(keys, valid: dict[str, Any] | None = None) -> None:
+    """Every key must be a train argument (Ultralytics' or yolokd's): one line naming the nearest valid ones.
+
+    Ultralytics' own `check_dict_alignment` would print its 40-line CLI help before the error."""
+    valid = full_defaults() if valid is None else valid
+    for key in keys:
+        if key not in valid:
+            raise SyntaxError(  # the exception Ultralytics raises for an unknown key
+                f"'{key}' is not a train argument.{closest(key, list(valid))} See `yolokd train help` for yolokd's "
+                "arguments and `yolo cfg` for Ultralytics'.")
+
+
 def split_kd_args(args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Split a dict of train arguments into (Ultralytics arguments, yolokd arguments)."""
     kd_keys = set(kd_defaults())

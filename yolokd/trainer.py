@@ -22,14 +22,14 @@ from __future__ import annotations
 import torch
 from torch import distributed as dist
 
-from ultralytics.cfg import DEFAULT_CFG, cfg2dict, check_dict_alignment
+from ultralytics.cfg import DEFAULT_CFG, cfg2dict
 from ultralytics.data.utils import check_det_dataset
 from ultralytics.models.yolo.detect import DetectionTrainer, DetectionValidator
 from ultralytics.utils import LOGGER, RANK, colorstr
 from ultralytics.utils.torch_utils import unwrap_model
 
 from yolokd.checks import DistillationConfigError, check_classes, check_strides, freeze, load_detector
-from yolokd.config import check_kd_types, full_defaults, split_kd_args
+from yolokd.config import check_kd_types, check_train_keys, full_defaults, split_kd_args
 from yolokd.criterion import build_distillation
 from yolokd.data.synthetic import resolve_data
 from yolokd.methods.base import MethodSet, check_adapter_init, get_method, parse_methods
@@ -60,7 +60,7 @@ class DistillationTrainer(DetectionTrainer):
     def __init__(self, cfg=DEFAULT_CFG, overrides: dict | None = None, _callbacks=None):
         overrides = dict(overrides or {})
         base = {**full_defaults(), **cfg2dict(cfg)}
-        check_dict_alignment(base, overrides)  # misspelt keys fail first, with the nearest valid names
+        check_train_keys(overrides, base)  # misspelt keys fail first, with the nearest valid names
         if overrides.get("data"):
             overrides["data"] = resolve_data(overrides["data"])
         self.teacher = self.distillation = None

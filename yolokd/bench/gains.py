@@ -1,4 +1,4 @@
-"""Proof of gains: `yolokd bench` trains a teacher, the plain student and every distilled student, over seeds.
+"""Proof of gains: `yolokd gains` (earlier name `yolokd bench`) trains a teacher, the plain student and every distilled student, over seeds.
 
 From nothing, on one machine: generate the data (default `data=synthetic`), train the teacher once, then for each
 seed the plain student and one distilled student per method, all with the same schedule, augmentation and seed,
@@ -11,11 +11,11 @@ interrupted one (a `weights/last.pt` but no result) is resumed. So re-running th
 result records the code version that trained it, and the table names the command and the code version(s) above it,
 so a table stitched from runs of different code versions says so.
 
-    yolokd bench profile=scratch       # the main profile: students from scratch, Ultralytics' schedule, 30 epochs
-    yolokd bench profile=demo          # the README's quick demo: teacher, plain and ld students, one seed
-    yolokd bench                       # the short warm-start CPU profile (see PROFILES)
-    yolokd bench profile=gpu data=VOC.yaml device=0
-    yolokd bench profile=scratch methods=dfd,pgd kd_max_ratio=0 variant=nocap   # a yolokd-argument variant
+    yolokd gains profile=scratch       # the main profile: students from scratch, Ultralytics' schedule, 30 epochs
+    yolokd gains profile=demo          # the README's quick demo: teacher, plain and ld students, one seed
+    yolokd gains                       # the short warm-start CPU profile (see PROFILES)
+    yolokd gains profile=gpu data=VOC.yaml device=0
+    yolokd gains profile=scratch methods=dfd,pgd kd_max_ratio=0 variant=nocap   # a yolokd-argument variant
 """
 
 from __future__ import annotations
@@ -384,10 +384,31 @@ def bench(p: Profile, command: str | None = None) -> Path:
     return out / "benchmarks.md"
 
 
-def cmd_bench(argv: list[str]) -> int:
-    """`yolokd bench [profile=scratch|cpu|cpu8|demo|gpu] [any Profile field=value] [any train argument=value]`."""
+GAINS_HELP = """\
+yolokd gains [profile=NAME] [field=value ...] [train argument=value ...]     (earlier name: yolokd bench)
+
+Does distillation pay? Trains the teacher, then for each seed the plain student and one distilled student per
+method, all with identical arguments, and writes out/benchmarks.md (the command and code version above the table),
+benchmarks.json and benchmarks.png (paired gain over the plain student, per seed). Finished runs are skipped and
+interrupted ones resumed: run the same command again to continue.
+
+Profiles (data=synthetic, generated locally; out= per profile):
+  scratch   the main one: students from yolov8n.yaml, Ultralytics' own schedule, 30 epochs, 3 seeds, 17 rows (~3 h)
+  demo      the README's quick job: a warm-started plain and ld student, 4 epochs, one seed (~40 min)
+  cpu       warm-started students, 4 epochs, 2 seeds;  cpu8: 8 epochs, 3 seeds
+  gpu       yolov8l teacher, yolov8n student, 640 px, 100 epochs (data= a real dataset, device=0)
+
+Fields: methods=a,b+c seeds=0,1,2 epochs= teacher_epochs= imgsz= batch= fraction= jobs= out= device=
+        teacher_model= student_model= student_init_epochs= variant=NAME (a variant of yolokd arguments whose
+        distilled runs are named <method>-NAME_s<seed> and paired with the same plain runs)
+Any other key is a train argument of every run (Ultralytics' or yolokd's, e.g. kd_max_ratio=0).
+"""
+
+
+def cmd_gains(argv: list[str]) -> int:
+    """`yolokd gains`: see GAINS_HELP."""
     from yolokd.config import parse_kv
-    from yolokd.config import DistillationConfigError, closest, split_kd_args
+    from yolokd.config import DistillationConfigError, check_train_keys, closest, split_kd_args
     from yolokd.methods.base import parse_methods
 
     a = parse_kv(argv)
@@ -406,11 +427,12 @@ def cmd_bench(argv: list[str]) -> int:
         updates["seeds"] = tuple(int(s) for s in updates["seeds"])
     for m in updates.get("methods", ()):
         parse_methods(m)
+    check_train_keys(a)
     ultra, _ = split_kd_args(a)
     changed = [*ultra, *(k for k in updates if k not in {"methods", "seeds", "jobs", "out", "variant", "device"})]
     if updates.get("variant") and changed:
         raise DistillationConfigError(
             f"variant= shares the plain runs, so it may change yolokd arguments only, not {', '.join(changed)}: "
             "give that change its own out= folder instead.")
-    bench(replace(p, **updates, train_args={**p.train_args, **a}), command=" ".join(["yolokd bench", *argv]))
+    bench(replace(p, **updates, train_args={**p.train_args, **a}), command=" ".join(["yolokd gains", *argv]))
     return 0

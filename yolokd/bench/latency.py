@@ -1,6 +1,7 @@
-"""Deployment benchmark: latency and accuracy of students on every runtime this machine has. `yolokd benchmark`.
+"""Deployment benchmark: latency and accuracy of students on every runtime this machine has. `yolokd latency`
+(earlier name: `yolokd benchmark`, still accepted).
 
-    yolokd benchmark models=teacher.pt,plain.pt,distilled.pt data=data.yaml imgsz=640 batch=1,8
+    yolokd latency models=teacher.pt,plain.pt,distilled.pt data=data.yaml imgsz=640 batch=1,8
 
 For each model, runtime and batch size: the model's forward time on a fixed random batch (letterboxed-size input,
 pre-processing and NMS excluded: they are the same for every runtime), `warmup` untimed calls then `iters` timed
@@ -338,7 +339,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 BENCHMARK_HELP = """\
-yolokd benchmark models=a.pt,b.pt[,...] data=<data.yaml> [imgsz=640] [batch=1,8] [runtimes=auto] [key=value ...]
+yolokd latency models=a.pt,b.pt[,...] data=<data.yaml> [imgsz=640] [batch=1,8] [runtimes=auto] [key=value ...]
 
 Latency (mean / p50 / p95 ms per batch, images/s) of each model on each runtime, and mAP50-95 on data (Ultralytics
 val of the runtime's own artefact). Writes benchmark.csv, benchmark.md and benchmark.png under out=.
@@ -353,16 +354,13 @@ val of the runtime's own artefact). Writes benchmark.csv, benchmark.md and bench
 
 
 def cmd_benchmark(argv: list[str]) -> int:
-    """`yolokd benchmark models=... data=...`: see BENCHMARK_HELP."""
-    if not argv or argv[0] in {"help", "-h", "--help"}:
-        print(BENCHMARK_HELP)
-        return 0
+    """`yolokd latency models=... data=...`: see BENCHMARK_HELP."""
     from yolokd.config import closest, parse_kv
 
     a = parse_kv(argv)
     models = a.pop("models", None) or a.pop("model", None)
     if not models:
-        raise SyntaxError("models= is required, e.g. models=teacher.pt,student.pt")
+        raise SyntaxError("models= is required, e.g. models=teacher.pt,student.pt (see `yolokd latency help`)")
     if isinstance(models, str):
         models = models.split(",")
     models = list(models) if isinstance(models, (list, tuple)) else [models]

@@ -7,6 +7,7 @@ models; the goal is <= 1.10. Figures are medians over `iters` timed steps after 
 
     yolokd overhead model=yolov8n.yaml teacher=yolov8s.yaml imgsz=160 batch=16 iters=5
     yolokd overhead model=student.pt teacher=teacher.pt cls_teacher=classifier.pt   # trained models, with dicod
+    yolokd overhead methods=dfd,pgd+ld dfd_hidden_cap=64 threads=1                   # any yolokd train argument
 """
 
 from __future__ import annotations
@@ -103,14 +104,24 @@ def report(times: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+OWN_KEYS = ("model", "teacher", "methods", "imgsz", "batch", "iters", "warmup", "threads", "nc")
+
+
 def cmd_overhead(argv: list[str]) -> int:
-    """`yolokd overhead model= teacher= methods=a,b imgsz= batch= iters= warmup=`."""
-    from yolokd.config import parse_kv
+    """`yolokd overhead model= teacher= methods=a,b imgsz= batch= iters= warmup= threads=` (+ yolokd train keys)."""
+    from yolokd.config import DistillationConfigError, closest, kd_defaults, parse_kv
 
     a = parse_kv(argv)
+    valid = [*OWN_KEYS, *kd_defaults()]
+    for key in a:
+        if key not in valid:
+            raise DistillationConfigError(f"'{key}' is not an argument of `yolokd overhead`.{closest(key, valid)} Its "
+                                          f"own: {', '.join(OWN_KEYS)}; any yolokd train argument (e.g. dfd_alpha=).")
     runnable = [m for m in list_methods() if not getattr(get_method(m), "delegated", False)]
     methods = a.pop("methods", ",".join(m for m in runnable if m != "dicod" or a.get("cls_teacher")))
     methods = methods.split(",") if isinstance(methods, str) else list(methods)
+    for m in methods:  # refused before anything is timed
+        parse_methods(m)
     torch.set_num_threads(a.pop("threads", torch.get_num_threads()))
     times = measure(a.pop("model", "yolov8n.yaml"), a.pop("teacher", "yolov8s.yaml"), methods, **a)
     LOGGER.info(f"threads={torch.get_num_threads()}\n" + report(times))

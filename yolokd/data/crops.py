@@ -202,21 +202,38 @@ def _format_summary(s: dict, prefix: str = "crops:") -> str:
     return "\n".join(lines)
 
 
+CROPS_HELP = """\
+yolokd crops data=<data.yaml | synthetic> [out=crops/<data>] [pad=0.0] [imgsz=] [min_size=2] [fraction=1.0]
+
+One classification image per ground-truth object of a detection dataset (train and val splits), as a folder
+Ultralytics' classify task trains as-is: out/train/<class>/*.png, out/val/<class>/*.png. DICOD's classifier
+teacher (method=dicod cls_teacher=) is trained on it:
+  yolokd crops data=synthetic out=datasets/synthetic-crops imgsz=64
+  yolo classify train model=yolov8n-cls.yaml data=datasets/synthetic-crops imgsz=64 epochs=10
+
+  pad       context around each box, as a share of its width/height (clamped to the image)
+  imgsz     resize every crop to imgsz x imgsz (stretched, as DICOD's crop does at training time); none: native size
+  min_size  boxes narrower or shorter than this (px) are skipped and counted
+  fraction  the first share of the train images only, those Ultralytics' fraction= trains on
+"""
+
+
 def cmd_crops(argv: list[str]) -> int:
     """`yolokd crops data=<yaml|preset> out=<dir> [pad=0.0] [imgsz=] [min_size=2]`: write the object-crop set."""
-    from yolokd.config import parse_kv
+    from yolokd.config import closest, parse_kv
 
     args = parse_kv(argv)
-    allowed = {"data", "out", "pad", "imgsz", "min_size"}
-    unknown = sorted(set(args) - allowed)
-    if unknown:
-        raise SyntaxError(f"unknown argument(s) {unknown} for `yolokd crops`; valid: {sorted(allowed)}")
+    allowed = ["data", "out", "pad", "imgsz", "min_size", "fraction"]
+    for key in args:
+        if key not in allowed:
+            raise SyntaxError(f"'{key}' is not an argument of `yolokd crops`.{closest(key, allowed)} "
+                              f"Valid: {', '.join(allowed)}.")
     if not args.get("data"):
         raise SyntaxError("data= is required, e.g. yolokd crops data=coco8.yaml out=datasets/coco8-crops")
     data = str(args["data"])
     out = args.get("out") or Path("crops") / Path(data).stem
     make_crops(data, out, pad=float(args.get("pad", 0.0)), imgsz=args.get("imgsz") or None,
-               min_size=int(args.get("min_size", 2)))
+               min_size=int(args.get("min_size", 2)), fraction=float(args.get("fraction", 1.0)))
     print(f"Train a classifier teacher on it:  yolo classify train model=yolov8n-cls.yaml data={out} "
           f"imgsz={args.get('imgsz') or 64} epochs=10")
     return 0

@@ -19,7 +19,6 @@ import numpy as np
 
 from yolokd.config import DistillationConfigError, closest
 
-HELP_WORDS = {"help", "-h", "--help"}
 ENGINE_FORMATS = {"engine", "tensorrt", "trt"}
 # Names Ultralytics' Exporter maps onto one of its formats (ultralytics/engine/exporter.py, Exporter.__call__).
 FORMAT_ALIASES = {"tensorrt", "trt", "mlmodel", "mlpackage", "mlprogram", "apple", "ios", "huawei", "cann", "om",
@@ -210,9 +209,6 @@ def cmd_export(argv: list[str]) -> int:
     """`yolokd export model=... format=...`: see EXPORT_HELP. Returns 0, 1 on a parity failure."""
     import sys
 
-    if not argv or argv[0] in HELP_WORDS:
-        print(EXPORT_HELP)
-        return 0
     from yolokd.config import parse_kv
     from yolokd.export.parity import ParityError
 
