@@ -1,4 +1,4 @@
-"""DICOD (METHODS.md section 4): crop op, classifier teacher, kd-cls / kd-loc, config errors, end-to-end runs."""
+"""DICOD (docs/methods.md#dicod): crop op, classifier teacher, kd-cls / kd-loc, config errors, end-to-end runs."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""FitNet and DFD: hand-computed values, invariances and gradient flow (METHODS.md section 5 tests)."""
+"""FitNet and DFD: hand-computed values, invariances and gradient flow (docs/methods.md#fitnet, #dfd)."""
 
 import math
 

@@ -1,5 +1,5 @@
 """PDF-Distil, Rank Mimicking, PFI and RM+PFI: hand-computed values, invariances, gradient flow, edge cases
-(METHODS.md sections 1-2), a contract test over these four registered methods, and end-to-end smoke runs."""
+(docs/methods.md#pdf to #rmpfi), a contract test over these four registered methods, and end-to-end smoke runs."""
 
 import copy
 import math

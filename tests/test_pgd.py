@@ -1,4 +1,4 @@
-"""PGD: teacher-only Gaussian masks, attentions, hand-computed values, gradient flow (METHODS.md section 3 tests)."""
+"""PGD: teacher-only Gaussian masks, attentions, hand-computed values, gradient flow (docs/methods.md#pgd)."""
 
 from __future__ import annotations
 

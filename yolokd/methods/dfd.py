@@ -8,7 +8,7 @@ Paper (Sec. 3.2), per image and level, with F^T the teacher feature and F^S' the
 - L = alpha * L_HD + beta * L_LD, one-stage alpha = 2.8e-5, beta = 1e-5                           (Eq. 7)
 f = Conv1x1(C->2C) - ReLU - Conv3x3(2C->2C) - ReLU - Conv1x1(2C->C)  (Tab. 5, "Conv1-3-1(2C)").
 
-Choices where the paper is silent (no official code was released; see METHODS.md section 5):
+Choices where the paper is silent (no official code was released; see docs/methods.md#dfd):
 - sums run over C, H, W per image, then a mean over the batch and a sum over levels (MGD-style, which matches the
   magnitude of alpha and beta);
 - the sum is rescaled by ref_area / (H_img * W_img) so it equals the paper's at 640x640 and does not grow with

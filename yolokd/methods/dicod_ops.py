@@ -9,7 +9,7 @@ With `align_corners=False` the output's outer pixel edges land on the box edges,
 identity transform and O = I when s equals the image size. The crop is differentiable w.r.t. the box (through
 the bilinear weights), which is what lets DICOD's localization term move predicted boxes.
 
-Choices (METHODS.md section 4, [A]):
+Choices (YOLO adaptations, docs/methods.md#dicod):
 - boxes are made finite, kept within one image size of the image (a box may overshoot the border: clamping it to
   the image, as the authors do, would zero the gradient of every overshooting side, i.e. of all predicted boxes
   at initialization on small inputs) and given a minimum size of 1 px, so no box can produce NaN;

@@ -6,7 +6,7 @@ Paper (Sec. 3.2), per feature map with H x W positions and C channels, P^t / P^s
 - L_kd = sum_hw (W_hw * sum_c (X^t - X^s)^2) / (H*W*C), X^s the projected student feature             (Eq. 3)
 The authors' code (zhanghengdev/MutualGuide, hint_loss.py) weights the loss by 5.0.
 
-YOLO adaptation (METHODS.md section 1):
+YOLO adaptation (docs/methods.md#pdf):
 - one map per image and neck level P3..P5 (the Detect inputs); D from the sigmoid class probabilities of the
   same anchors, L = mean_{b,l}[mean_hw W * mean_c (X^t - Adapt(X^s))^2], weight 5.0. Adapt (`projector`) is the
   paper's 1x1 conv ("conv", identity when the widths match) or the authors' code's branch ("branch": 3x3 conv + BN +

@@ -7,12 +7,12 @@ Paper (Sec. "Prediction-guided Feature Imitation"), per FPN level l with class p
 - L_PFI = (1/L) sum_l (1/(H_l W_l)) ||P_dif (.) F_dif||_2^2, weight beta = 1.5               (Eq. 9, 10)
 No code was released by the authors.
 
-YOLO adaptation (METHODS.md section 2), the default (`faithful: false`):
+YOLO adaptation (docs/methods.md#pfi), the default (`faithful: false`):
 - F = the Detect inputs P3..P5; F_stu passes through a 1x1 adapter (identity when widths match);
 - P = sigmoid of the class logits at the same anchors. Eq. 9 is a loss in both factors, so P_dif keeps its
   gradient (`detach: false`, as in MMRazor's unofficial pgfi.py): where the features differ, the student's class
   probabilities are pulled towards the teacher's, dL/dP_s ~ 2 (P_s - P_t) F_dif / (C c). `detach: true` makes P_dif
-  a weight only (METHODS.md's reading);
+  a weight only (the first reading, see docs/methods.md#pfi);
 - w = P_dif / c with one detached normaliser for the batch, c = max(mean P_dif, E_t), means over the batch and every
   anchor of every level, E_t = mean (1/C) sum_c P_tea^c^2: the P_dif of a student that predicts nothing. Raw
   probability-space P_dif is ~1e-4, which would leave beta = 1.5 inert; one global c keeps the contrast between

@@ -7,7 +7,7 @@ For every ground-truth box g and anchor a of the teacher (all pyramid levels tog
 - I^g(a) = exp(-1/2 (X_a - mu)^T Sigma^-1 (X_a - mu)) for a in T^g, 0 elsewhere;  I = max_g I^g            (Eq. 3)
 - per image and level, M = I / #{I != 0} (Eq. 4) and N = bg / #bg with bg = "centre inside no box" (Eq. 5).
 
-Choices (see METHODS.md section 3 and the `pgd` module docstring for the loss side):
+Choices (see docs/methods.md#pgd and the `pgd` module docstring for the loss side):
 - the in-box indicator is applied *before* the top-K, as the paper writes it. The authors' code takes the top-K over
   every anchor and multiplies by the indicator afterwards, and its anchor-free in-box test reads the points as (y, x)
   while they are (x, y); neither is replicated.

@@ -8,7 +8,7 @@ s_i (student) and t_i (teacher):
 - total loss L_task + alpha * L_RM with alpha = 4 (Eq. 10). No temperature.
 No code was released by the authors.
 
-YOLO adaptation (METHODS.md section 2):
+YOLO adaptation (docs/methods.md#rm):
 - candidates: for each GT, the anchors the student's task-aligned assignment makes positive for it, together with
   those the same assigner makes positive on the teacher's predictions (`StepContext.teacher_assign`), keyed by
   (image, GT). The paper's motivating case (its Fig. 2) is an anchor the teacher ranks first and the student does
