@@ -71,6 +71,30 @@ CASES = [  # (extra arguments, words the error must contain)
 ]
 
 
+RANGE_CASES = [  # (numeric arguments, the one-line error): the ranges declared next to the defaults in cfg/
+    (dict(method="dfd", dfd_alpha=-1), "dfd_alpha=-1 is out of range: it must be >= 0 (default: 2.8e-05)."),
+    (dict(method="dfd", kd_max_ratio=-3), "kd_max_ratio=-3 is out of range: it must be >= 0 (default: 0.25)."),
+    (dict(method="dfd", kd_fade=5), "kd_fade=5 is out of range: it must be in [0, 1] (default: 0.0)."),
+    (dict(method="ld", ld_temperature=0), "ld_temperature=0 is out of range: it must be > 0 (default: 10.0)."),
+    (dict(method="pgd", pgd_topk=0), "pgd_topk=0 is out of range: it must be >= 1 (default: 30)."),
+    (dict(method="pgd", pgd_xi_cls=1.5), "pgd_xi_cls=1.5 is out of range: it must be in [0, 1] (default: 0.8)."),
+]
+
+
+@pytest.mark.parametrize("extra,message", RANGE_CASES, ids=[str(c[0]) for c in RANGE_CASES])
+def test_out_of_range_values_are_refused_before_training(extra, message, ckpts, tiny_data, existing_run, capsys):
+    before = snapshot(existing_run.parent)
+    args = dict(model="yolov8n.yaml", data=tiny_data, project=str(existing_run.parent), name="exp", exist_ok=True,
+                epochs=1, imgsz=64, teacher=str(ckpts["good"]), **extra)
+    with pytest.raises(DistillationConfigError) as e:
+        DistillationTrainer(overrides=args)
+    assert message in str(e.value)
+    assert main(["train", *(f"{k}={v}" for k, v in args.items())]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+    assert snapshot(existing_run.parent) == before
+
+
 @pytest.mark.parametrize("extra,words", CASES, ids=[str(c[0]) for c in CASES])
 def test_refused_before_training(extra, words, ckpts, tiny_data, existing_run):
     before = snapshot(existing_run.parent)
@@ -102,3 +126,50 @@ def test_cli_reports_error_and_exit_code(ckpts, tiny_data, capsys, existing_run)
     err = capsys.readouterr().err  # names the argument the user gave (model=), not a key that does not exist
     assert "model=missing_student.pt: student weights not found" in err and "student=" not in err
     assert snapshot(existing_run.parent) == before
+
+
+def _dataset(root: Path, labels: dict[str, list[str] | None], val_images: int = 1) -> Path:
+    """A 2-class dataset: train images a, b, c with the given label lines (None: no label file), val images v*."""
+    import cv2
+    import numpy as np
+
+    img = np.full((64, 64, 3), 127, np.uint8)
+    for split, stems in (("train", list(labels)), ("val", [f"v{i}" for i in range(val_images)])):
+        (root / "images" / split).mkdir(parents=True, exist_ok=True)
+        (root / "labels" / split).mkdir(parents=True, exist_ok=True)
+        for stem in stems:
+            cv2.imwrite(str(root / "images" / split / f"{stem}.png"), img)
+            rows = labels.get(stem, ["0 0.5 0.5 0.2 0.2"]) if split == "train" else ["1 0.5 0.5 0.3 0.3"]
+            if rows is not None:
+                (root / "labels" / split / f"{stem}.txt").write_text("\n".join(rows) + "\n")
+    (root / "data.yaml").write_text(f"path: {root}\ntrain: images/train\nval: images/val\nnames: {{0: a, 1: b}}\n")
+    return root / "data.yaml"
+
+
+DATASET_CASES = [  # (train labels per image, val images, what the one line must say)
+    ({"a": None, "b": None, "c": []}, 1, "train: none of the 3 images has a label with a box"),
+    ({"a": ["0 0.5 0.5 0.2 0.2"], "b": ["1 0.5 0.5 0.1 0.1", "7 0.2 0.2 0.1 0.1"], "c": None}, 1,
+     "b.txt, line 2: class id 7 is not one of the 2 classes of"),
+    ({"a": ["0 0.5 0.5 0.2"]}, 1, "a.txt, line 1: '0 0.5 0.5 0.2' is not a YOLO label row"),
+    ({"a": ["0 0.5 0.5 0.2 0.2"]}, 0, "holds no image: put the val images there, or fix 'val:' in"),
+]
+
+
+@pytest.mark.parametrize("labels,val_images,message", DATASET_CASES, ids=["no-labels", "class-id", "row", "empty-val"])
+def test_dataset_content_is_checked_before_the_run_folder_exists(labels, val_images, message, tmp_path, capsys):
+    data = _dataset(tmp_path / "data", labels, val_images)
+    project = tmp_path / "runs"
+    argv = ["train", "model=yolov8n.yaml", f"data={data}", f"project={project}", "name=exp", "epochs=1", "imgsz=64"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not project.exists()  # refused before Ultralytics made the run folder
+
+
+def test_images_without_labels_are_background_not_an_error(tmp_path):
+    from yolokd.data.checks import check_dataset
+
+    data = _dataset(tmp_path / "data", {"a": ["0 0.5 0.5 0.2 0.2"], "b": None, "c": []})
+    from ultralytics.data.utils import check_det_dataset
+
+    check_dataset(check_det_dataset(str(data)))  # one labelled image in train is enough

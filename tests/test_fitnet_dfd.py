@@ -73,13 +73,15 @@ def test_fitnet_hint_stage_then_kd_stage():
 
 
 def test_fitnet_hint_share_must_be_a_share():
-    from yolokd.config import DistillationConfigError
+    from yolokd.config import DistillationConfigError, check_kd_values
 
-    for ok in (0, 0.5, 1.0, None):
-        FitNet.check_inputs({"fitnet_hint_share": ok}, None)
+    for ok in (0, 0.5, 1.0):
+        check_kd_values({"fitnet_hint_share": ok})
     for bad in (4.0, -0.1):
-        with pytest.raises(DistillationConfigError, match=f"fitnet_hint_share={bad} .*from 0 to 1"):
-            FitNet.check_inputs({"fitnet_hint_share": bad}, None)
+        with pytest.raises(DistillationConfigError, match=rf"fitnet_hint_share={bad} is out of range: it must be in \[0, 1\]"):
+            check_kd_values({"fitnet_hint_share": bad})
+    with pytest.raises(DistillationConfigError, match="fitnet_hint_share=nan is out of range"):  # NaN passes no test
+        check_kd_values({"fitnet_hint_share": float("nan")})
 
 
 def test_fitnet_kd_reaches_the_scores_and_the_hint_the_neck_only():

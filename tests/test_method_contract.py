@@ -24,3 +24,12 @@ def test_constructor_takes_the_yaml_keys_with_no_defaults_of_its_own(name):
         assert set(cls.uses_args) and not method_defaults(name)
     else:
         assert keywords == set(method_defaults(name)) | set(cls.uses_args)
+
+
+def test_every_numeric_argument_declares_its_range_next_to_its_default():
+    from yolokd.config import declared_ranges, kd_defaults
+
+    numeric = {k for k, v in kd_defaults().items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    ranges = declared_ranges()
+    assert numeric == set(ranges)
+    assert all(kd_defaults()[k] in r for k, r in ranges.items())  # every default lies in its own range

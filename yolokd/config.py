@@ -11,6 +11,9 @@ every subcommand. Importing this module loads neither torch nor Ultralytics (the
 from __future__ import annotations
 
 import functools
+import math
+import re
+from dataclasses import dataclass
 from difflib import get_close_matches
 from importlib import resources
 from pathlib import Path
@@ -78,16 +81,28 @@ def full_defaults() -> dict[str, Any]:
     return {**DEFAULT_CFG_DICT, **kd_defaults()}
 
 
-def check_train_keys(keys, valid: dict[str, Any] | None = None) -> None:
-    """Every key must be a train argument (Ultralytics' or yolokd's): one line naming the nearest valid ones.
+def check_train_keys(custom: dict[str, Any], base: dict[str, Any] | None = None) -> None:
+    """Every key of `custom` must be a train argument (Ultralytics' or yolokd's, `base`): Ultralytics'
+    `check_dict_alignment` decides (deprecated names, `save_dir`, ...), but its 40-line CLI help is kept out and
+    the refusal is one line naming the nearest valid keys."""
+    import logging
 
-    Ultralytics' own `check_dict_alignment` would print its 40-line CLI help before the error."""
-    valid = full_defaults() if valid is None else valid
-    for key in keys:
-        if key not in valid:
-            raise SyntaxError(  # the exception Ultralytics raises for an unknown key
-                f"'{key}' is not a train argument.{closest(key, list(valid))} See `yolokd train help` for yolokd's "
-                "arguments and `yolo cfg` for Ultralytics'.")
+    from ultralytics.cfg import check_dict_alignment
+    from ultralytics.utils import LOGGER
+
+    base = full_defaults() if base is None else base
+    level = LOGGER.level
+    LOGGER.setLevel(logging.WARNING)  # the help text is logged at INFO
+    try:
+        check_dict_alignment(base, custom)
+    except SyntaxError as e:
+        key = re.search(r"'(.+?)' is not a valid YOLO argument", str(e))
+        key = key.group(1) if key else str(e).strip().splitlines()[0]
+        raise SyntaxError(  # the exception Ultralytics raises for an unknown key
+            f"'{key}' is not a train argument.{closest(key, list(base))} See `yolokd train help` for yolokd's "
+            "arguments and `yolo cfg` for Ultralytics'.") from None
+    finally:
+        LOGGER.setLevel(level)
 
 
 def split_kd_args(args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -96,12 +111,53 @@ def split_kd_args(args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]
     return {k: v for k, v in args.items() if k not in kd_keys}, {k: v for k, v in args.items() if k in kd_keys}
 
 
-def check_kd_types(kd: dict[str, Any]) -> None:
-    """Each yolokd argument given must have its default's kind: true/false for a switch, a number for a weight.
+@dataclass(frozen=True)
+class Range:
+    """An allowed range of a numeric argument, declared in its YAML comment as `# (float >= 0)`, `(int > 0)` or
+    `(float in [0, 1])`, next to its default."""
 
-    Ultralytics checks the types of its own keys only; without this, `pfi_detach=maybe` would read as true.
-    """
-    defaults = kd_defaults()
+    text: str  # as declared, e.g. ">= 0" or "in [0, 1]"
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> Range:
+        m = re.fullmatch(r"(>=|>)\s*(\S+)|in \[(\S+),\s*(\S+)\]", text.strip())
+        if not m:
+            raise ValueError(f"unreadable range '{text}': use '>= x', '> x' or 'in [a, b]'")
+        if m.group(1):
+            return cls(text.strip(), low=float(m.group(2)), low_open=m.group(1) == ">")
+        return cls(text.strip(), low=float(m.group(3)), high=float(m.group(4)))
+
+    def __contains__(self, x: float) -> bool:
+        return (x > self.low if self.low_open else x >= self.low) and x <= self.high
+
+
+_DECLARED = re.compile(r"^(\w+):[^#]*#\s*\((float|int)\s+([^)]+)\)")
+
+
+@functools.lru_cache(maxsize=None)
+def declared_ranges() -> dict[str, Range]:
+    """{train argument: Range} for every numeric yolokd argument, read from the YAML comments (the only place a
+    range is written): cfg/default.yaml's keys as they are, cfg/methods/<m>.yaml's as `<m>_<key>`."""
+    files = [(cfg_dir() / "default.yaml", "")]
+    files += [(cfg_dir() / "methods" / f"{m}.yaml", f"{m}_") for m in method_cfg_names()]
+    out = {}
+    for path, prefix in files:
+        for line in path.read_text().splitlines():
+            m = _DECLARED.match(line)
+            if m:
+                out[prefix + m.group(1)] = Range.parse(m.group(3))
+    return out
+
+
+def check_kd_values(kd: dict[str, Any]) -> None:
+    """Each yolokd argument given must have its default's kind (true/false for a switch, a number for a weight) and
+    lie in its declared range (`declared_ranges`). Ultralytics checks its own keys only: without this,
+    `pfi_detach=maybe` would read as true, `dfd_alpha=-1` train a negative loss and `kd_fade=5` switch
+    distillation off for the whole run."""
+    defaults, ranges = kd_defaults(), declared_ranges()
     for key, value in kd.items():
         default = defaults.get(key)
         if isinstance(default, bool):
@@ -112,6 +168,9 @@ def check_kd_types(kd: dict[str, Any]) -> None:
             continue
         if not ok:
             raise DistillationConfigError(f"{key}={value!r} must be {kind} (default: {default}).")
+        if key in ranges and (math.isnan(value) or value not in ranges[key]):
+            raise DistillationConfigError(f"{key}={value} is out of range: it must be {ranges[key].text} "
+                                          f"(default: {default}).")
 
 
 def method_hparams(method: str, args: dict[str, Any] | Any) -> dict[str, Any]:

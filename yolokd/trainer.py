@@ -7,17 +7,25 @@
 What it changes, and where (everything else is the Ultralytics training loop, untouched):
 - `__init__`: merges yolokd's arguments into the config and runs every check before Ultralytics creates the run
   folder; resolves `data=synthetic`.
+- `check_resume`: Ultralytics' resume, with `teacher=` / `cls_teacher=` re-pointed (a teacher file that moved) and
+  checked like a new run's.
 - `setup_model`: loads and freezes the teacher, builds the distillation (`build_distillation`: the methods' adapters
-  sized from a dry forward pass), restores the adapters on `resume=True`.
+  sized from a dry forward pass).
 - `build_optimizer`: adds the adapters' parameters to Ultralytics' parameter groups (same lr schedule, decay rules).
-- `_setup_train`: installs `DistillationLoss` as the student's criterion (after EMA creation, so the EMA and the
-  checkpoints never see it).
-- `optimizer_step`: averages the adapters' gradients across DDP ranks (DDP only wraps the student).
-- `save_model`: writes the adapters to `weights/kd_state.pt`, beside the plain student checkpoint.
+- `_setup_train`: makes the adapters identical on every DDP rank, installs `DistillationLoss` as the student's
+  criterion (after EMA creation, so the EMA and the checkpoints never see it).
+- `optimizer_step`: averages the adapters' gradients across DDP ranks (DDP only wraps the student) and clips them
+  with the student's.
+- `save_model`: writes the adapters to `weights/kd_state.pt` (atomically), beside the plain student checkpoint.
+- `resume_training` / `_load_checkpoint_state`: restore the adapters of the same epoch from beside the checkpoint
+  given, on resume and when Ultralytics' NaN recovery reloads last.pt.
 - `get_validator`: hands the validator Ultralytics' arguments only.
 """
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import torch
 from torch import distributed as dist
@@ -29,8 +37,9 @@ from ultralytics.utils import LOGGER, RANK, colorstr
 from ultralytics.utils.torch_utils import unwrap_model
 
 from yolokd.checks import DistillationConfigError, check_classes, check_strides, freeze, load_detector
-from yolokd.config import check_kd_types, check_train_keys, full_defaults, split_kd_args
-from yolokd.criterion import build_distillation
+from yolokd.config import check_kd_values, check_train_keys, full_defaults, split_kd_args
+from yolokd.criterion import broadcast_from_rank0, build_distillation
+from yolokd.data.checks import check_dataset
 from yolokd.data.synthetic import resolve_data
 from yolokd.methods.base import MethodSet, check_adapter_init, get_method, parse_methods
 from yolokd.taps import strip_taps
@@ -38,6 +47,7 @@ from yolokd.taps import strip_taps
 DEFAULT_METHOD = "ld"  # the method that beat the plain student in docs/benchmarks.md
 BUILTIN = "ultralytics"  # method name that hands distillation to Ultralytics' own `distill_model=`
 KD_STATE = "kd_state.pt"  # adapters of the run, beside last.pt (named so Ultralytics' `last*.pt` search skips it)
+REPOINTABLE = ("teacher", "cls_teacher")  # arguments a resumed run accepts anew (files that may have moved)
 
 
 def resolve_method_names(method: str | None, teacher: str | None) -> list[str]:
@@ -63,14 +73,29 @@ class DistillationTrainer(DetectionTrainer):
         check_train_keys(overrides, base)  # misspelt keys fail first, with the nearest valid names
         if overrides.get("data"):
             overrides["data"] = resolve_data(overrides["data"])
-        self.teacher = self.distillation = None
-        self._preflight = None if overrides.get("resume") else self._check_inputs(overrides)
+        self.teacher = self.distillation = self._kd_state_dir = None
+        self._preflight = None
+        if not overrides.get("resume"):
+            if overrides.get("data"):  # what the dataset holds, before Ultralytics creates the run folder
+                check_dataset(check_det_dataset(overrides["data"]), str(overrides["data"]))
+            self._preflight = self._check_inputs(overrides)
         if overrides.get("method") == BUILTIN and not overrides.get("resume"):
             overrides["distill_model"] = overrides["teacher"]  # Ultralytics loads and wraps the teacher itself
         super().__init__(base, overrides, _callbacks)
+        if self.args.resume and self.kd_method_names:  # the run's own arguments are back: check them as a new run's
+            self._preflight = self._check_inputs(vars(self.args))
         if self.kd_method_names and self.args.compile:
             LOGGER.warning("compile=True is not supported with distillation (forward hooks); disabling it.")
             self.args.compile = False
+
+    def check_resume(self, overrides):
+        """Ultralytics' resume (it restores the run's arguments and ignores most new ones), except `teacher=` and
+        `cls_teacher=`: a teacher file that moved can be re-pointed; `__init__` then checks it like a new run's."""
+        repointed = {k: overrides[k] for k in REPOINTABLE if overrides.get(k)}
+        super().check_resume({k: v for k, v in overrides.items() if k not in repointed})
+        if self.args.resume:
+            for key, value in repointed.items():
+                setattr(self.args, key, value)
 
     @property
     def kd_method_names(self) -> list[str]:
@@ -81,7 +106,7 @@ class DistillationTrainer(DetectionTrainer):
     def _check_inputs(self, overrides: dict) -> tuple | None:
         """Every check that can fail, before Ultralytics creates the run folder. Returns (teacher, data) or None."""
         _, kd = split_kd_args(overrides)
-        check_kd_types(kd)
+        check_kd_values(kd)
         teacher_spec = kd.get("teacher")
         names = resolve_method_names(kd.get("method"), teacher_spec)
         if teacher_spec and overrides.get("distill_model"):
@@ -121,8 +146,6 @@ class DistillationTrainer(DetectionTrainer):
             self.teacher = freeze(teacher.to(self.device).float())
         self.distillation = build_distillation(names, self.model, self.teacher, self.args, trainer=self,
                                                device=self.device)
-        if self.resume:
-            self._load_kd_state()
         n_adapt = sum(p.numel() for p in self.kd_methods.parameters() if p.requires_grad)
         LOGGER.info(
             f"{colorstr('yolokd:')} method={'+'.join(names)} teacher={self.args.teacher} "
@@ -149,46 +172,105 @@ class DistillationTrainer(DetectionTrainer):
         return optimizer
 
     def _setup_train(self):
-        """Ultralytics' setup, then the distillation loss installed as the student's criterion (after the EMA copy
-        is made, so the EMA and the checkpoints never see it)."""
+        """Ultralytics' setup (with the resume), the adapters made identical on every DDP rank, then the distillation
+        loss installed as the student's criterion (after the EMA copy is made, so the EMA and checkpoints never see
+        it)."""
         super()._setup_train()
         if self.distillation is not None:
+            self.sync_adapters()
             self.distillation.install(unwrap_model(self.model))
 
-    # ---------------------------------------------------------------- step, save, resume
-    def optimizer_step(self):
-        """Average the adapters' gradients over DDP ranks (DDP averages the student's), then Ultralytics' step."""
-        if self.kd_methods is not None and self.world_size > 1 and dist.is_initialized():
-            for p in self.kd_methods.parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
-        super().optimizer_step()
+    # ---------------------------------------------------------------- DDP, step
+    def sync_adapters(self) -> None:
+        """Give every DDP rank rank 0's adapters. Ultralytics seeds each rank differently before `setup_model`, so
+        each built its own random adapters; a resumed run's are loaded on every rank but broadcast all the same."""
+        if self.world_size > 1 and dist.is_initialized():
+            broadcast_from_rank0(self.kd_methods)
 
+    def average_adapter_grads(self, params: list[torch.Tensor]) -> None:
+        """Mean of the adapters' gradients over DDP ranks (DDP averages only the student's, which it wraps).
+
+        SUM then divide, which every backend supports (gloo has no `ReduceOp.AVG`); a rank whose step produced no
+        gradient for a parameter contributes zeros, so every rank makes the same collective calls."""
+        if self.world_size <= 1 or not dist.is_initialized():
+            return
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad.div_(self.world_size)
+
+    def optimizer_step(self):
+        """Ultralytics' step (8.4 `BaseTrainer.optimizer_step`: unscale, clip the gradient norm to 10, step, EMA
+        update) with the adapters in it: their gradients averaged over DDP ranks first, and clipped together with the
+        student's (one norm over both), so a large distillation gradient cannot escape the clip through them."""
+        if self.kd_methods is None:
+            return super().optimizer_step()
+        adapters = [p for p in self.kd_methods.parameters() if p.requires_grad]
+        self.average_adapter_grads(adapters)
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_([*self.model.parameters(), *adapters], max_norm=10.0,
+                                       foreach=False if self.device.type == "npu" else None)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad()
+        if self.ema:
+            self.ema.update(self.model)
+
+    # ---------------------------------------------------------------- save, resume, NaN recovery
     def save_model(self):
-        """Plain student checkpoints (Ultralytics), plus the adapters in `weights/kd_state.pt` for resuming."""
+        """Plain student checkpoints (Ultralytics), plus the adapters in `weights/kd_state.pt` for resuming.
+
+        kd_state.pt is written to a temporary file and renamed over the old one, so a kill mid-write leaves the
+        previous file whole; it records the epoch, which a resume compares with last.pt's."""
         if self.ema is not None:
             strip_taps(self.ema.ema)  # an EMA re-copied from the tapped student (NaN recovery) must not carry hooks
         saved = super().save_model()
         if self.kd_methods is not None and RANK in {-1, 0}:
-            torch.save(
-                {"epoch": self.epoch, "method": "+".join(self.kd_method_names), "adapters": self.kd_methods.state_dict()},
-                self.wdir / KD_STATE,
-            )
+            path = self.wdir / KD_STATE
+            tmp = path.with_name(f".{KD_STATE}.tmp")
+            torch.save({"epoch": self.epoch, "method": "+".join(self.kd_method_names),
+                        "adapters": self.kd_methods.state_dict()}, tmp)
+            os.replace(tmp, path)
         return saved
 
-    def _load_kd_state(self):
-        path = self.wdir / KD_STATE
-        if not path.exists():
-            LOGGER.warning(f"{path} not found: resuming with freshly initialised adapters.")
-            return
-        state = torch.load(path, map_location=self.device, weights_only=True)
-        self.kd_methods.load_state_dict(state["adapters"])
-        LOGGER.info(f"{colorstr('yolokd:')} restored adapters from {path} (epoch {state['epoch'] + 1})")
+    def resume_training(self, ckpt):
+        """Ultralytics' resume; the adapters are read from beside the checkpoint the user passed (`resume=`), which
+        may have moved since the run recorded its folder."""
+        self._kd_state_dir = Path(self.args.resume).parent if self.resume and ckpt is not None else None
+        try:
+            super().resume_training(ckpt)
+        finally:
+            self._kd_state_dir = None
 
     def _load_checkpoint_state(self, ckpt):
-        """Ultralytics' restore; the EMA it rebuilds from the tapped student is stripped of yolokd hooks."""
+        """Ultralytics' restore of optimizer, EMA, ... (on resume, and when its NaN recovery reloads last.pt), then
+        the adapters of the same epoch; the EMA it rebuilds from the tapped student is stripped of yolokd hooks."""
         super()._load_checkpoint_state(ckpt)
         strip_taps(self.ema.ema)
+        if self.kd_methods is not None:
+            self._load_kd_state((self._kd_state_dir or self.wdir) / KD_STATE, ckpt.get("epoch"))
+
+    def _load_kd_state(self, path: Path, epoch: int | None) -> None:
+        """Adapters from `path`, which must be readable and of the checkpoint's `epoch`; a missing file warns and
+        leaves the adapters freshly initialised."""
+        if not path.exists():
+            LOGGER.warning(f"{path} not found: resuming with freshly initialised adapters (the distillation "
+                           "re-learns them; the student is restored).")
+            return
+        fix = (f"Delete or rename {path} to resume with freshly initialised adapters (the student is restored, the "
+               "adapters are re-learnt), or resume from the last.pt it was written with.")
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+            adapters, saved_epoch = state["adapters"], state["epoch"]
+        except Exception as e:  # truncated, damaged, not ours
+            raise DistillationConfigError(f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0]}). "
+                                          f"{fix}") from e
+        if epoch is not None and saved_epoch != epoch:
+            raise DistillationConfigError(f"{path} holds the adapters of epoch {saved_epoch + 1}, but the checkpoint "
+                                          f"is of epoch {epoch + 1}. {fix}")
+        self.kd_methods.load_state_dict(adapters)
+        LOGGER.info(f"{colorstr('yolokd:')} restored adapters from {path} (epoch {saved_epoch + 1})")
 
     # ---------------------------------------------------------------- validation
     def get_validator(self):

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-SPLITS = ("train", "val")
+from yolokd.data.checks import SPLITS, image_files
+
 MARKER = "crops.yaml"
 
 
@@ -36,28 +37,6 @@ def folder_name(name: str) -> str:
     """The folder (and classifier class) name of a detection class: path separators would nest folders."""
     out = str(name).strip().replace("/", "_").replace("\\", "_")
     return out if out not in {"", ".", ".."} else f"_{out}_"
-
-
-def image_files(spec: str | list[str]) -> list[Path]:
-    """Image paths of one split entry of a data yaml: directories (recursive), image files or .txt lists.
-
-    Follows Ultralytics' rules (`BaseDataset.get_img_files`): in a .txt list, './' is relative to the list's folder.
-    """
-    from ultralytics.data.utils import IMG_FORMATS
-
-    files: list[str] = []
-    for p in spec if isinstance(spec, (list, tuple)) else [spec]:
-        p = Path(p)
-        if p.is_dir():
-            files += [str(f) for f in p.rglob("*.*")]
-        elif p.suffix == ".txt" and p.is_file():
-            lines = p.read_text(encoding="utf-8-sig").strip().splitlines()
-            files += [str(p.parent / x[2:]) if x.startswith("./") else x for x in lines]
-        elif p.is_file():
-            files.append(str(p))
-        else:
-            raise FileNotFoundError(f"{p} does not exist")
-    return [Path(f) for f in sorted(f for f in files if f.rpartition(".")[-1].lower() in IMG_FORMATS)]
 
 
 def read_labels(path: Path) -> np.ndarray:

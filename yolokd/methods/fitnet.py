@@ -26,7 +26,6 @@ from __future__ import annotations
 import torch
 
 from yolokd.adapters import PROJECTORS, level_aligners
-from yolokd.config import DistillationConfigError
 from yolokd.methods._common import prepare, soft_class_kd
 from yolokd.methods.base import DistillMethod, StepContext, check_choice, register
 from yolokd.taps import Features
@@ -46,16 +45,6 @@ class FitNet(DistillMethod):
     aligned = {"align": "neck"}
     choices = {"projector": PROJECTORS}
     task_scaled = frozenset({"kd"})  # the KD term has the cls loss's scale; the hint term is capped
-
-    @classmethod
-    def check_inputs(cls, args: dict, data: dict | None) -> None:
-        """The choices, and `fitnet_hint_share` in [0, 1] (a share of the epochs)."""
-        super().check_inputs(args, data)
-        share = args.get("fitnet_hint_share")
-        if share is not None and not 0 <= float(share) <= 1:
-            raise DistillationConfigError(
-                f"fitnet_hint_share={share} is not a share of the epochs: use a number from 0 to 1 "
-                "(1 = the hint in every epoch, 0.5 = the first half, then KD alone)")
 
     def __init__(self, student: Features, teacher: Features, *, weight: float, kd_weight: float, hint_share: float,
                  projector: str, pearson: bool):

@@ -1,0 +1,5 @@
+"""`python -m yolokd ...`: the `yolokd` command."""
+
+from yolokd.cli import entrypoint
+
+entrypoint()
