@@ -15,8 +15,9 @@ against the feature-based methods (and to compose with them, `method=dfd+ld`).
   bins are summed, where mmdetection's KL loss averages over them, so at the same weight the term is reg_max (16)
   times larger per edge; (2) every anchor of P3-P5 counts, weighted by the teacher's confidence, where LD distils
   the positives (main region) and a "valuable localization region" picked with the ground truth, weighted by the
-  prediction's quality; (3) no ground truth is read. When either head has reg_max = 1 (YOLO26, no distribution),
-  l_a is the mean L1 distance between the two models' decoded ltrb distances (grid units, each by its own DFL).
+  prediction's quality; (3) no ground truth is read. When the student has reg_max = 1 (YOLO26, no distribution)
+  or the two heads' reg_max differ, l_a is the mean L1 distance between the two models' decoded ltrb distances
+  (grid units, each by its own DFL).
 
 YOLO adaptation (ours):
 - dense: background anchors, whose boxes mean nothing, barely count through w_a;
@@ -25,7 +26,8 @@ YOLO adaptation (ours):
 - L = cls_weight * L_cls + box_weight * L_box, logged as the terms "cls" and "box";
 - `assign: teacher` adds Label Assignment Distillation (Nguyen et al., WACV 2022, arXiv:2108.10520): the student's
   own task loss is assigned from the teacher's class scores and boxes instead of its own (yolokd/taps.py,
-  `_TeacherAssignment`); for YOLO26 only the one-to-many branch's assignment is the teacher's. cfg/methods/ld.yaml
+  `_TeacherAssignment`); for YOLO26 each distilled branch is assigned from the teacher's matching branch (one-to-one
+  too when `kd_one2one` and the teacher has one, yolokd/criterion.py). cfg/methods/ld.yaml
   ships `teacher`: on the 8-epoch warm-start CPU profile it raised the share of the gap closed from 38.5 % to
   43.2 % over 5 seeds (docs/experiments.md);
 - being on the task loss's own scale, it is exempt from `kd_max_ratio` (the cap for feature terms whose paper
@@ -74,7 +76,7 @@ class DensePredictionKD(DistillMethod):
         reg_max = s.boxes.shape[1] // 4
         if reg_max > 1 and t.boxes.shape[1] == s.boxes.shape[1]:
             per_edge = edge_kl(t.boxes.view(b, 4, reg_max, a), s.boxes.view(b, 4, reg_max, a), self.tau)
-        else:  # no distribution on one side (reg_max = 1, YOLO26): compare the decoded ltrb distances
+        else:  # no distribution on the student (reg_max = 1, YOLO26) or different bins: the decoded ltrb distances
             per_edge = (t.dfl(t.boxes) - s.dfl(s.boxes)).abs()
         box = (per_edge.mean(1) * w).sum() / norm
         return {"cls": self.cls_weight * cls, "box": self.box_weight * box}

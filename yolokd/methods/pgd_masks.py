@@ -5,7 +5,8 @@ For every ground-truth box g and anchor a of the teacher (all pyramid levels tog
 - T^g = the k = min(K, #{q > 0}) anchors of highest q;                                                   (Sec. 3.2)
 - mu, Sigma = MLE mean and covariance of the anchor centres (pixels) in T^g, Sigma += 1 px^2 * Id           (Eq. 2)
 - I^g(a) = exp(-1/2 (X_a - mu)^T Sigma^-1 (X_a - mu)) for a in T^g, 0 elsewhere;  I = max_g I^g            (Eq. 3)
-- per image and level, M = I / #{I != 0} (Eq. 4) and N = bg / #bg with bg = "centre inside no box" (Eq. 5).
+- per image and level, M = I / #{I != 0} (Eq. 4) and N = bg / #bg with bg = "centre inside no box" (Eq. 5), with
+  the same in-box test as Eq. 1 (small boxes enlarged, see below).
 
 Choices (see docs/methods.md#pgd and the `pgd` module docstring for the loss side):
 - the in-box indicator is applied *before* the top-K, as the paper writes it. The authors' code takes the top-K over
