@@ -79,3 +79,25 @@ def test_adapters_stay_identical_across_ranks(tmp_path):
         r = torch.load(tmp_path / f"rank{rank}.pt")
         assert r["differ_before_sync"], "each rank built different adapters: the test would prove nothing"
         assert r["same_after_sync"] and r["moved"] and r["same_after_steps"] and r["student_same"], r
+
+
+def test_adapter_gradients_are_clipped_to_their_own_norm_and_the_students_clip_is_unchanged():
+    from yolokd.trainer import DistillationTrainer
+
+    student, adapter = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    trainer = DistillationTrainer.__new__(DistillationTrainer)
+    trainer.world_size, trainer.device, trainer.ema, trainer.model = 1, torch.device("cpu"), None, student
+    trainer.distillation = SimpleNamespace(methods=adapter)
+    trainer.optimizer = torch.optim.SGD([*student.parameters(), *adapter.parameters()], lr=0.0)
+    trainer.scaler = torch.amp.GradScaler("cpu", enabled=False)
+    for p in student.parameters():
+        p.grad = torch.full_like(p, 0.1)  # norm 0.2 * sqrt(5): below 10, left alone
+    for p in adapter.parameters():
+        p.grad = torch.full_like(p, 100.0)  # norm 200 * sqrt(5): clipped to 10
+    grads = {}
+    trainer.optimizer.zero_grad = lambda: grads.update(
+        student=torch.cat([p.grad.flatten() for p in student.parameters()]),
+        adapter=torch.cat([p.grad.flatten() for p in adapter.parameters()]))
+    trainer.optimizer_step()
+    assert torch.allclose(grads["student"], torch.full((20,), 0.1))
+    assert torch.isclose(grads["adapter"].norm(), torch.tensor(10.0), rtol=1e-4)

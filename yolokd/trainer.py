@@ -15,7 +15,7 @@ What it changes, and where (everything else is the Ultralytics training loop, un
 - `_setup_train`: makes the adapters identical on every DDP rank, installs `DistillationLoss` as the student's
   criterion (after EMA creation, so the EMA and the checkpoints never see it).
 - `optimizer_step`: averages the adapters' gradients across DDP ranks (DDP only wraps the student) and clips them
-  with the student's.
+  like the student's (a norm of 10 of their own).
 - `save_model`: writes the adapters to `weights/kd_state.pt` (atomically), beside the plain student checkpoint.
 - `resume_training` / `_load_checkpoint_state`: restore the adapters of the same epoch from beside the checkpoint
   given, on resume and when Ultralytics' NaN recovery reloads last.pt.
@@ -202,15 +202,17 @@ class DistillationTrainer(DetectionTrainer):
 
     def optimizer_step(self):
         """Ultralytics' step (8.4 `BaseTrainer.optimizer_step`: unscale, clip the gradient norm to 10, step, EMA
-        update) with the adapters in it: their gradients averaged over DDP ranks first, and clipped together with the
-        student's (one norm over both), so a large distillation gradient cannot escape the clip through them."""
+        update) with the adapters in it: their gradients averaged over DDP ranks first, and clipped like the
+        student's, to a norm of 10 of their own. A norm of its own leaves the student's clip exactly as in plain
+        training: one norm over both would let a large adapter gradient shrink the student's steps."""
         if self.kd_methods is None:
             return super().optimizer_step()
         adapters = [p for p in self.kd_methods.parameters() if p.requires_grad]
         self.average_adapter_grads(adapters)
         self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_([*self.model.parameters(), *adapters], max_norm=10.0,
-                                       foreach=False if self.device.type == "npu" else None)
+        foreach = False if self.device.type == "npu" else None
+        for params in (list(self.model.parameters()), adapters):
+            torch.nn.utils.clip_grad_norm_(params, max_norm=10.0, foreach=foreach)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad()
