@@ -1,4 +1,4 @@
-"""`yolokd bench`: paired summary arithmetic, skipping finished runs, and a tiny end-to-end profile."""
+"""`yolokd gains` (earlier name `yolokd bench`): paired summary arithmetic, skipping finished runs, a tiny profile."""
 
 import json
 import math

@@ -1,4 +1,4 @@
-"""`yolokd benchmark`: latency statistics, runtime selection, and an end-to-end CPU run writing CSV / MD / PNG."""
+"""`yolokd latency` (earlier name `yolokd benchmark`): latency statistics, runtime selection, an end-to-end CPU run."""
 
 from __future__ import annotations
 

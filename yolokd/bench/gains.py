@@ -97,7 +97,7 @@ PROFILES = {
     "cpu8": Profile(seeds=(0, 1, 2), epochs=8, teacher_epochs=20, student_init_epochs=10, imgsz=160, jobs=2,
                     student_args=SHORT_SCHEDULE, out="runs/bench-8ep"),
     # The README's main job: the cpu profile's teacher and warm start, then the plain and the ld student (its runs
-    # are the cpu profile's, so `yolokd bench` afterwards reuses them).
+    # are the cpu profile's, so `yolokd gains` afterwards reuses them).
     "demo": Profile(methods=("ld",), seeds=(0,), epochs=4, teacher_epochs=20, student_init_epochs=10, imgsz=160,
                     jobs=2, student_args=SHORT_SCHEDULE),
     "gpu": Profile(teacher_model="yolov8l.yaml", student_model="yolov8n.yaml", seeds=(0, 1, 2), epochs=100,
