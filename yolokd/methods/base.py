@@ -17,10 +17,17 @@ returns batch-mean scalars already multiplied by their weights. Teacher tensors 
 fp32. A method declares which of its terms are already on the task loss's scale (`task_scaled`): `MethodSet` hands
 each term on as a `Term` that carries that, and `yolokd/criterion.py` (`scale_terms`) is where the cap and the fade
 act on the others, and the sum joins the task loss.
+
+Recording: `forward` calls `self.record(key, tensor)` at the point where its loss uses a tensor worth seeing (a mask,
+a weight map, a ranking). Inside `with method_set.recording() as records:` those very tensors are kept, per branch,
+method and key, and `yolokd explain` draws them; outside it `record` stores nothing, so a training step pays one
+attribute test per call.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -97,6 +104,13 @@ class DistillMethod(nn.Module):
     head_level: ClassVar[bool] = True  # reads the head's outputs: also run on YOLO26's one-to-one branch (criterion)
     choices: ClassVar[dict[str, tuple[str, ...]]] = {}  # {string hyper-parameter: allowed values}, see check_inputs
     aligned: ClassVar[dict[str, str]] = {}  # {aligner ModuleList attribute: Features field it maps}, for fit_adapters
+    _sink: dict[str, list[torch.Tensor]] | None = None  # where `record` keeps tensors; set by `MethodSet.recording`
+
+    def record(self, key: str, *values: torch.Tensor) -> None:
+        """Keep `values`, the very tensors the loss uses where this is called (e.g. one per pyramid level), under
+        `key` while `MethodSet.recording` is on, for `yolokd explain` to draw; nothing is kept otherwise."""
+        if self._sink is not None:
+            self._sink.setdefault(key, []).extend(values)
 
     @classmethod
     def check_inputs(cls, args: dict, data: dict | None) -> None:
@@ -189,6 +203,20 @@ class MethodSet(nn.Module):
         # saved with the adapters (kd_state.pt), so a resumed run does not fit them again
         self.register_buffer("adapters_fitted", torch.tensor(init == "random"))
         self._fitted: bool | None = None  # the buffer as a Python bool, read at the first step (no device sync after)
+        self._records: dict | None = None  # {branch: {method: {key: [tensor, ...]}}} while `recording` is on
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[dict[str, dict[str, dict[str, list[torch.Tensor]]]]]:
+        """Within the block, every tensor a method `record`s in a step is kept in the yielded dict, as
+        `records[branch][method][key]` (branch "one2many", or "one2one" for YOLO26's second pass)."""
+        self._records = records = {}
+        try:
+            yield records
+        finally:
+            self._records = None
+            for m in self.modules():
+                if isinstance(m, DistillMethod):
+                    m._sink = None
 
     def fit_adapters(self, s: Features, t: Features | None) -> bool:
         """On the first training batch only (`adapter_init=lstsq`): fit every method's aligners to it. True if it did."""
@@ -229,6 +257,11 @@ class MethodSet(nn.Module):
         for name, m in self.methods.items():
             if head_only and not m.head_level:
                 continue
+            if self._records is not None:  # recording: this method and the methods it holds (rmpfi) keep theirs here
+                sink = self._records.setdefault(ctx.branch, {}).setdefault(name, {})
+                for sub in m.modules():
+                    if isinstance(sub, DistillMethod):
+                        sub._sink = sink
             terms = {k: Term(v, capped=not m.is_task_scaled(k)) for k, v in m(s, t, ctx).items()}
             out.update({name: next(iter(terms.values()))} if len(terms) == 1 else {f"{name}_{k}": v for k, v in terms.items()})
         return out

@@ -42,10 +42,19 @@ def spatial_attention(f: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def disparity(f_teacher: torch.Tensor, f_student: torch.Tensor) -> torch.Tensor:
+    """Eq. 3: (B, H, W) attention disparity D = |A(F^T) - A(F^S')|."""
+    return (spatial_attention(f_teacher.float()) - spatial_attention(f_student.float())).abs()
+
+
+def split_disparity(d: torch.Tensor) -> torch.Tensor:
+    """Eq. 4: (B, H, W) bool, True (HD) where the disparity `d` exceeds its per-image mean P."""
+    return d > d.mean(dim=(1, 2), keepdim=True)
+
+
 def high_disparity_mask(f_teacher: torch.Tensor, f_student: torch.Tensor) -> torch.Tensor:
     """Eq. 3-4: (B, H, W) bool, True where the attention disparity exceeds its per-image mean."""
-    d = (spatial_attention(f_teacher.float()) - spatial_attention(f_student.float())).abs()
-    return d > d.mean(dim=(1, 2), keepdim=True)
+    return split_disparity(disparity(f_teacher, f_student))
 
 
 def transformation(c_in: int, c_out: int, hidden_cap: int = 0) -> nn.Sequential:
@@ -81,7 +90,10 @@ class DFD(DistillMethod):
         hd_sum, ld_sum = 0.0, 0.0
         for align, f, fs, ft in zip(self.align, self.transform, s.neck, t.neck):
             fs_aligned = align(fs)
-            hd = high_disparity_mask(ft, fs_aligned).unsqueeze(1)  # (B, 1, H, W)
+            d = disparity(ft, fs_aligned)
+            hd = split_disparity(d).unsqueeze(1)  # (B, 1, H, W)
+            self.record("disparity", d)
+            self.record("hd_mask", hd)
             hd_sum = hd_sum + ((ft - f(fs)).pow(2) * hd).sum()
             ld_sum = ld_sum + ((ft - fs_aligned).pow(2) * ~hd).sum()
         return {"hd": self.alpha * scale * hd_sum, "ld": self.beta * scale * ld_sum}

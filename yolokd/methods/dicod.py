@@ -236,9 +236,12 @@ class DICOD(DistillMethod):
     @torch.no_grad()
     def teacher_logits(self, img: torch.Tensor, boxes: torch.Tensor, batch_idx: torch.Tensor, chunk: int = 1024):
         """(N, nc) classifier logits of the box crops, re-indexed to the detector's class order."""
-        crops = (crop_boxes(img, boxes[i : i + chunk], batch_idx[i : i + chunk], self.size)
-                 for i in range(0, len(boxes), chunk))
-        return torch.cat([classifier_logits(self.classifier, c) for c in crops])[:, self.perm]
+        logits = []
+        for i in range(0, len(boxes), chunk):
+            crops = crop_boxes(img, boxes[i : i + chunk], batch_idx[i : i + chunk], self.size)
+            self.record("crops", crops)  # (n, 3, size, size): what the classifier sees (slides, Eq. 1)
+            logits.append(classifier_logits(self.classifier, crops))
+        return torch.cat(logits)[:, self.perm]
 
     def forward(self, s: Features, t: Features | None, ctx: StepContext) -> dict[str, torch.Tensor]:
         zero = 0.0 * s.scores.sum() + 0.0 * s.boxes.sum()  # keeps the graph (DDP) when there is nothing to distil
@@ -253,7 +256,11 @@ class DICOD(DistillMethod):
         b, anc = a.fg_mask.nonzero(as_tuple=True)
         n = a.gt_bboxes.shape[1]
         gt_keys, inv = (b * n + a.target_gt_idx[b, anc]).unique(return_inverse=True)
-        z_t = self.teacher_logits(img, a.gt_bboxes.reshape(-1, 4)[gt_keys], gt_keys // n)[inv]
+        gt_images = gt_keys // n
+        z_gt = self.teacher_logits(img, a.gt_bboxes.reshape(-1, 4)[gt_keys], gt_images)
+        self.record("image", gt_images)  # the image of each crop
+        self.record("logits", z_gt)  # (objects, nc): the classifier's logits on the crops, the kd-cls targets
+        z_t = z_gt[inv]
         l_cls = kd_cls_loss(s.scores[b, :, anc], z_t, self.temperature)
 
         # kd-loc: capped positives, crops of decoded student boxes vs crops of their GT boxes

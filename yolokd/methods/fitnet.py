@@ -55,7 +55,11 @@ class FitNet(DistillMethod):
 
     def forward(self, s: Features, t: Features, ctx: StepContext) -> dict[str, torch.Tensor]:
         norm = standardise if self.pearson else (lambda x: x)
-        per_level = [(norm(a(xs)) - norm(xt)).pow(2).mean() for a, xs, xt in zip(self.align, s.neck, t.neck)]
+        per_level = []
+        for a, xs, xt in zip(self.align, s.neck, t.neck):
+            error = (norm(a(xs)) - norm(xt)).pow(2)  # Eq. 3 per element; its mean is the level's hint loss
+            self.record("hint_error", error)
+            per_level.append(error.mean())
         in_hint_stage = ctx.epoch < self.hint_share * ctx.epochs
         terms = {"ht": (self.weight if in_hint_stage else 0.0) * torch.stack(per_level).mean()}
         if self.kd_weight:

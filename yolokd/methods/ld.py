@@ -73,6 +73,7 @@ class DensePredictionKD(DistillMethod):
         s, t = prepare(s, t)
         b, _, a = s.scores.shape
         cls, w, norm = soft_class_kd(t.scores, s.scores)  # w: (B, A) teacher confidence
+        self.record("confidence", w)
         reg_max = s.boxes.shape[1] // 4
         if reg_max > 1 and t.boxes.shape[1] == s.boxes.shape[1]:
             per_edge = edge_kl(t.boxes.view(b, 4, reg_max, a), s.boxes.view(b, 4, reg_max, a), self.tau)

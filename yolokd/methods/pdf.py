@@ -72,5 +72,6 @@ class PDFDistil(DistillMethod):
         s, t = prepare(s, t)
         w = [pdf_weights(disagreement(zs, zt, self.kind))
              for zs, zt in zip(split_levels(s.scores, s.neck), split_levels(t.scores, t.neck))]
+        self.record("weight", *w)  # Eq. 2, one (B, H_l*W_l) map per level
         gaps = feature_gaps(self.align, s.neck, t.neck)
         return {"loss": self.weight * level_mean([wl * g for wl, g in zip(w, gaps)])}

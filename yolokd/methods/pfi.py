@@ -66,6 +66,7 @@ class PFI(DistillMethod):
         s, t = prepare(s, t)
         p_dif = prediction_gap(s.scores.detach() if self.detach else s.scores, t.scores)
         w = p_dif if self.faithful else p_dif / gap_normaliser(p_dif, t.scores)
+        self.record("weight", w)  # (B, A), every level: the weight of F_dif in Eq. 9
         gaps = feature_gaps(self.align, s.neck, t.neck)
         power = 2 if self.faithful else 1
         return {"loss": self.weight * level_mean([(wl * g).pow(power) for wl, g in zip(split_levels(w, s.neck), gaps)])}

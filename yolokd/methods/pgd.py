@@ -152,6 +152,9 @@ class PGD(DistillMethod):
     def forward(self, s: Features, t: Features, ctx: StepContext) -> dict[str, torch.Tensor]:
         s, t = prepare(s, t)  # fp32, teacher detached (already so when called by the criterion)
         fg, bg, imp_reg = self.masks(t, ctx)
+        self.record("cls_mask", *fg)  # M^cls (Eq. 4): the Gaussian key predictive regions, zero off the top-K
+        self.record("bg_mask", *bg)
+        self.record("reg_mask", *imp_reg)  # I^reg (Eq. 3), raw
         h, w = ctx.img_hw
         area_scale = self.ref_area / (h * w)
         cls = reg = att = 0.0

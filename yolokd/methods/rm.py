@@ -52,11 +52,15 @@ def group_log_softmax(x: torch.Tensor, group: torch.Tensor, n_groups: int) -> to
     return x - lse[group]
 
 
+def rank_kl(log_t: torch.Tensor, log_s: torch.Tensor, group: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """Eq. 6 per group: KL(t' || s') (n_groups,) from the log rank distributions (P,) of `group_log_softmax`."""
+    return torch.zeros(n_groups, device=log_t.device).index_add(0, group, log_t.exp() * (log_t - log_s))
+
+
 def group_kl(target: torch.Tensor, student: torch.Tensor, group: torch.Tensor, n_groups: int) -> torch.Tensor:
     """KL(softmax(target) || softmax(student)) within each group: (n_groups,). Softmax over each group's members."""
-    log_t = group_log_softmax(target, group, n_groups)
-    log_s = group_log_softmax(student, group, n_groups)
-    return torch.zeros(n_groups, device=target.device).index_add(0, group, log_t.exp() * (log_t - log_s))
+    return rank_kl(group_log_softmax(target, group, n_groups), group_log_softmax(student, group, n_groups),
+                   group, n_groups)
 
 
 def candidates(student: Assignment, teacher: Assignment | None) -> tuple[torch.Tensor, ...]:
@@ -103,9 +107,14 @@ class RankMimicking(DistillMethod):
         z_t, z_s = t.scores[b, cls, anc], s.scores[b, cls, anc]
         if self.scores == "prob":
             z_t, z_s = z_t.sigmoid(), z_s.sigmoid()
-        kl_cls = group_kl(z_t / self.temperature, z_s / self.temperature, group, n).sum() / n_valid
+        rank_t, rank_s = (group_log_softmax(z / self.temperature, group, n) for z in (z_t, z_s))  # Eq. 5, log t', s'
+        kl_cls = rank_kl(rank_t, rank_s, group, n)
         box_gt = a.gt_bboxes[b, gt].float()
         u = bbox_iou(s.boxes_xyxy[b, anc], box_gt, xywh=False).squeeze(-1).clamp(0, 1)
         v = bbox_iou(t.boxes_xyxy[b, anc], box_gt, xywh=False).squeeze(-1).clamp(0, 1).detach()
-        kl_loc = group_kl(v / self.tau, u / self.tau, group, n).sum() / n_valid
+        kl_loc = group_kl(v / self.tau, u / self.tau, group, n)
+        self.record("candidates", b, anc, gt, group)  # (P,) each: image, anchor, GT index, object
+        self.record("rank", rank_t, rank_s)  # (P,) each: log t', log s' of the class scores (Eq. 5)
+        self.record("kl", kl_cls, kl_loc)  # (objects,) each: Eq. 6 per object, class and box-quality ranks
+        kl_cls, kl_loc = kl_cls.sum() / n_valid, kl_loc.sum() / n_valid
         return {"cls": self.weight * kl_cls, "loc": self.weight * self.loc_weight * kl_loc}
