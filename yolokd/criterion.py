@@ -20,6 +20,9 @@ How a method's raw term becomes loss, in order (`DistillationLoss.__call__` and 
 5. `kd_fade`: the capped terms are multiplied by the fade schedule (`fade_factor`);
 6. the sum of all terms is `kd_loss`; it is multiplied by the batch size, as Ultralytics' loss vector is, and
    appended to it.
+
+With `agreement` on (the trainer's `plots=True`), a diagnostic column `kd_agree` (`kd_agreement`) is logged beside
+them; it is no loss and costs nothing when off.
 """
 
 from __future__ import annotations
@@ -77,6 +80,20 @@ def scale_terms(terms: dict[str, Term], task: torch.Tensor, max_ratio: float,
     return {k: t.value * (scale * weight) if t.capped else t.value for k, t in terms.items()}, scale
 
 
+@torch.no_grad()
+def kd_agreement(t_scores: torch.Tensor, s_scores: torch.Tensor, confident: float = 0.5) -> torch.Tensor:
+    """Column `kd_agree`: how far the student is from the teacher where the teacher is sure of an object.
+
+    The mean of |p_t - p_s| for the teacher's top class c* = argmax_c p_t, over the anchors where p_t(c*) >
+    `confident`, with p = sigma(class logits (B, nc, A)); 0 = the student agrees, 1 = it misses every such anchor.
+    0 also when the teacher is confident nowhere in the batch.
+    """
+    p_t, top = t_scores.float().sigmoid().max(1)  # (B, A)
+    p_s = s_scores.float().gather(1, top.unsqueeze(1)).squeeze(1).sigmoid()
+    sure = p_t > confident
+    return ((p_t - p_s).abs() * sure).sum() / sure.sum().clamp_min(1)
+
+
 def broadcast_from_rank0(module: nn.Module) -> None:
     """Under DDP, give every rank rank 0's parameters and buffers (e.g. adapters initialised on each rank)."""
     import torch.distributed as dist
@@ -102,6 +119,7 @@ class DistillationLoss:
         max_ratio: `kd_max_ratio` (see `scale_terms`).
         fade: `kd_fade` (see `fade_factor`); like the cap, it acts on the capped terms only.
         one2one: `kd_one2one`: with an end-to-end student (YOLO26), also distil its one-to-one head (see below).
+        agreement: log `kd_agree` (`kd_agreement`, needs a detector teacher); the trainer sets it to `plots`.
 
     End-to-end students. `E2ELoss` trains the one-to-many branch (dense assignment, top-10) and the one-to-one
     branch (the head that is deployed, top-1) with the weights `o2m` + `o2o` = 1, moving from 0.8/0.2 to 0.1/0.9
@@ -113,9 +131,9 @@ class DistillationLoss:
     """
 
     def __init__(self, methods: MethodSet, teacher: nn.Module | None, teacher_taps: Taps | None, trainer=None,
-                 max_ratio: float = 0.0, fade: float = 0.0, one2one: bool = True):
+                 max_ratio: float = 0.0, fade: float = 0.0, one2one: bool = True, agreement: bool = False):
         self.methods, self.teacher, self.teacher_taps, self.trainer = methods, teacher, teacher_taps, trainer
-        self.max_ratio, self.fade, self.one2one = max_ratio, fade, one2one
+        self.max_ratio, self.fade, self.one2one, self.agreement = max_ratio, fade, one2one, agreement
         self.task = self.student_taps = None
         self.branches: list[str] = []
         self.recorders: dict[str, _AssignmentRecorder] = {}
@@ -176,6 +194,8 @@ class DistillationLoss:
         if self.max_ratio > 0 and self.methods.caps_any_term:
             items["kd_scale"] = scale
         items["kd_skip"] = kd.new_tensor(float(bool(bad)))
+        if self.agreement and t is not None:
+            items["kd_agree"] = kd_agreement(t.scores, s.scores)
         return torch.cat([loss, (kd * n).view(1).to(loss.dtype)]), items
 
     def _warn_once(self, columns: list[str]) -> None:
