@@ -34,7 +34,8 @@ def test_every_subcommand_has_help(command, word, capsys):
     assert len(out.strip().splitlines()) >= 1 and f"yolokd {ALIASES.get(command, command)}" in out
 
 
-@pytest.mark.parametrize("command", ["train", "methods", "gains", "bench", "latency", "overhead", "crops", "export"])
+@pytest.mark.parametrize("command", ["train", "methods", "gains", "bench", "latency", "overhead", "crops", "export",
+                                     "explain"])
 def test_every_subcommand_refuses_a_misspelt_key_in_one_line(command, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     argv = [command, "nonsense_key=1"]

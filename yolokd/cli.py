@@ -103,6 +103,8 @@ COMMANDS: dict[str, Command] = {
                         "forward and each method's KD step", "yolokd.bench.overhead:__doc__"),
     "crops": Command("yolokd.data.crops:cmd_crops", "cut GT objects of a detection set into a classification set "
                      "(classifier teacher, dicod)", "yolokd.data.crops:CROPS_HELP"),
+    "explain": Command("yolokd.explain:cmd_explain", "draw what the teacher teaches: each method's masks, weights and "
+                       "ranks on your images, both models' detections", "yolokd.explain:EXPLAIN_HELP"),
     "export": Command("yolokd.export.command:cmd_export", "export a student (onnx, engine, ...) after a safety check; "
                       "parity check after", "yolokd.export.command:EXPORT_HELP"),
 }
