@@ -20,6 +20,9 @@ What it changes, and where (everything else is the Ultralytics training loop, un
 - `resume_training` / `_load_checkpoint_state`: restore the adapters of the same epoch from beside the checkpoint
   given, on resume and when Ultralytics' NaN recovery reloads last.pt.
 - `get_validator`: hands the validator Ultralytics' arguments only.
+- with `plots=True` (rank 0): `kd_explain_epoch<e>.png` at the end of the first, middle and last epoch (an
+  `on_fit_epoch_end` callback) and `plot_metrics`'s `kd_results.png`, with the criterion's `kd_agree` column
+  (yolokd/explain.py); with `plots=False` none of it runs.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from yolokd.config import check_kd_values, check_train_keys, full_defaults, spli
 from yolokd.criterion import broadcast_from_rank0, build_distillation
 from yolokd.data.checks import check_dataset
 from yolokd.data.synthetic import resolve_data
+from yolokd.explain import EpochFigures, plot_kd_results
 from yolokd.methods.base import MethodSet, check_adapter_init, get_method, parse_methods
 from yolokd.taps import strip_taps
 
@@ -87,6 +91,8 @@ class DistillationTrainer(DetectionTrainer):
         if self.kd_method_names and self.args.compile:
             LOGGER.warning("compile=True is not supported with distillation (forward hooks); disabling it.")
             self.args.compile = False
+        if self.kd_method_names and self.args.plots:
+            self.add_callback("on_fit_epoch_end", EpochFigures())
 
     def check_resume(self, overrides):
         """Ultralytics' resume (it restores the run's arguments and ignores most new ones), except `teacher=` and
@@ -146,6 +152,7 @@ class DistillationTrainer(DetectionTrainer):
             self.teacher = freeze(teacher.to(self.device).float())
         self.distillation = build_distillation(names, self.model, self.teacher, self.args, trainer=self,
                                                device=self.device)
+        self.distillation.agreement = bool(self.args.plots)  # the kd_agree column, for kd_results.png
         n_adapt = sum(p.numel() for p in self.kd_methods.parameters() if p.requires_grad)
         LOGGER.info(
             f"{colorstr('yolokd:')} method={'+'.join(names)} teacher={self.args.teacher} "
@@ -273,6 +280,13 @@ class DistillationTrainer(DetectionTrainer):
                                           f"is of epoch {epoch + 1}. {fix}")
         self.kd_methods.load_state_dict(adapters)
         LOGGER.info(f"{colorstr('yolokd:')} restored adapters from {path} (epoch {saved_epoch + 1})")
+
+    # ---------------------------------------------------------------- plots
+    def plot_metrics(self):
+        """Ultralytics' results.png and, for a distilled run, kd_results.png beside it (`plot_kd_results`)."""
+        super().plot_metrics()
+        if self.kd_method_names:
+            plot_kd_results(self.csv, on_plot=self.on_plot)
 
     # ---------------------------------------------------------------- validation
     def get_validator(self):
