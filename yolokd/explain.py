@@ -391,7 +391,7 @@ ROWS = {
     "fitnet": [MapRow("hint_error", "fitnet: hint error (X_T - r(X_S))^2")],
     "dfd": [MapRow("disparity", "dfd: disparity |A(F_T) - A(F_S')|"),
             MapRow("hd_mask", "dfd: high (red) / low (blue) disparity", vmax=1.0)],
-    "pdf": [MapRow("weight", "pdf: weight W (Eq. 2)", per_level=True)],
+    "pdf": [MapRow("weight", "pdf: weight W (Eq. 2), mean 1 per level")],
     "pfi": [MapRow("weight", "pfi: weight of F_dif (Eq. 9)")],
     "rm": [rank_row],
     "rmpfi": [rank_row, MapRow("weight", "rmpfi: PFI weight (Eq. 9)")],
@@ -501,14 +501,19 @@ def plot_kd_results(results_csv: Path, on_plot=None) -> Path | None:
     kd = cols.index("train/kd_loss")
     series = lambda k: np.array([r[k] for r in rows])  # noqa: E731
     extra = {"train/kd_scale": "kd_scale (the cap's factor)", "train/kd_agree": "kd_agree |p_t - p_s|, p_t > 0.5"}
-    panels = {c[6:]: series(c) for c in cols[kd:] if c not in {*extra, "train/kd_skip"}}
-    panels["KD share of the loss"] = series("train/kd_loss") / np.maximum(sum(series(c) for c in cols[: kd + 1]), 1e-12)
-    panels.update({title: series(c) for c, title in extra.items() if c in rows[0]})
+    terms = {c[6:]: series(c) for c in cols[kd:] if c not in {*extra, "train/kd_skip"}}
+    ratios = {"KD share of the loss": series("train/kd_loss") / np.maximum(sum(series(c) for c in cols[: kd + 1]),
+                                                                           1e-12)}
+    ratios.update({title: series(c) for c, title in extra.items() if c in rows[0]})
+    panels = {**terms, **ratios}
     ncols = (len(panels) + 1) // 2
     fig, axes = plt.subplots(2, ncols, figsize=(2.6 * ncols, 5), squeeze=False, tight_layout=True)
     for ax, (title, y) in zip(axes.flat, panels.items()):
         ax.plot(series("epoch"), y, marker=".", linewidth=2, markersize=8)
         ax.set_title(title, fontsize=10)
+        ax.ticklabel_format(axis="y", useOffset=False)
+        if title in ratios:  # shares and factors: from 0, so a flat line reads as flat
+            ax.set_ylim(0, 1.1 * max(float(y.max()), 1e-3))
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
     path = Path(results_csv).parent / "kd_results.png"
