@@ -622,6 +622,7 @@ def cmd_explain(argv: list[str]) -> int:
     student.args = get_cfg(overrides={k: hyp[k] for k in ("box", "cls", "dfl") if k in hyp})  # the task loss's gains
     student, teacher = student.to(device).float(), teacher and teacher.to(device).float().eval()
     opt.data = data["names"] if data else student.names  # DICOD matches its classifier's classes by name
+    torch.manual_seed(0)  # fresh adapters, so the same command draws the same figure
     crit = build_distillation(names, student, teacher, opt, device=device)
     adapters = trained_adapters(crit, opt.model, names)
     ex = explain(crit, student, teacher, pictures, float(opt.conf), names=data and data["names"])
