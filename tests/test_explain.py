@@ -54,6 +54,15 @@ def models(cfg: str, cls_pt: Path, **args):
     return student, teacher, build_distillation(ALL, student, teacher, args)
 
 
+def spy(calls: list, f, result: bool = False):
+    """`f`, which also appends each call's arguments (`result`: its result) to `calls`."""
+    def wrapped(*args):
+        out = f(*args)
+        calls.append(out if result else args)
+        return out
+    return wrapped
+
+
 class Step(SimpleNamespace):
     """What one criterion step with every method saw: its loss items, the records, the features the methods got,
     the assignment, the methods, and what `pgd`'s term functions received."""
@@ -64,19 +73,18 @@ def recorded_step(cfg: str, cls_pt: Path) -> Step:
 
     student, teacher, crit = models(cfg, cls_pt, kd_max_ratio=0.0)  # uncapped: the items are the methods' terms
     crit.install(student)
-    step = Step(pgd_args=[])
-    for role, taps in (("s", crit.student_taps), ("t", crit.teacher_taps)):  # keep what the criterion collects
-        taps.collect = (lambda collect, role: lambda preds: setattr(step, role, collect(preds)) or getattr(step, role))(
-            taps.collect, role)
+    features, pgd_args = [], []
+    for taps in (crit.student_taps, crit.teacher_taps):  # keep the features the criterion hands the methods
+        taps.collect = spy(features, taps.collect, result=True)
     with pytest.MonkeyPatch.context() as mp:
         for name in ("cls_level_terms", "reg_level_terms"):
-            mp.setattr(pgd, name, (lambda f: lambda *a: step.pgd_args.append(a) or f(*a))(getattr(pgd, name)))
+            mp.setattr(pgd, name, spy(pgd_args, getattr(pgd, name)))
         student.train()
         with crit.methods.recording() as records:
             _, items = crit(student(BATCH["img"]), BATCH)
-    step.items, step.records, step.a = items, records["one2many"], crit.assignment.last
-    step.methods = crit.methods.methods
-    return step
+    t, s = features  # the teacher's forward runs first
+    return Step(items=items, records=records["one2many"], s=s, t=t, a=crit.assignment.last,
+                methods=crit.methods.methods, pgd_args=pgd_args)
 
 
 @pytest.fixture(scope="module", params=["yolov8n.yaml", "yolo26n.yaml"])
@@ -183,14 +191,13 @@ def test_the_figure_draws_the_recorded_maps(cls_pt, tiny_data, tmp_path, monkeyp
     pictures = ex.letterbox(ex.val_images({"val": str(Path(tiny_data).parent / "images" / "val")}, 1), 64, 6)
     explained = ex.explain(crit, student, teacher, pictures)
     drawn = []
-    real_overlay = ex.overlay
-    monkeypatch.setattr(ex, "overlay", lambda image, grid, vmax: drawn.append(grid) or real_overlay(image, grid, vmax))
+    monkeypatch.setattr(ex, "overlay", spy(drawn, ex.overlay))
     path = ex.draw(explained, 0, tmp_path / "figure.png", dpi=40)
     assert path.is_file() and pictures[0].gt == "labels" and len(pictures[0].boxes)
     shapes = [(64 // s, 64 // s) for s in (8, 16, 32)]
     rows = [(m, r) for m in ALL for r in ex.ROWS[m] if isinstance(r, ex.MapRow)]
     expected = [g for m, r in rows for g in ex.level_maps(explained.records["one2many"][m][r.key], shapes, 0)]
-    assert len(drawn) == len(expected) and all(np.array_equal(d, e) for d, e in zip(drawn, expected))
+    assert len(drawn) == len(expected) and all(np.array_equal(grid, e) for (_, grid, _), e in zip(drawn, expected))
 
 
 def test_level_maps_split_all_level_records_and_keep_per_level_ones():
