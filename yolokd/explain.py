@@ -86,7 +86,7 @@ def find_images(source: str | Path) -> list[Path]:
         return sorted(Path(p) for p in paths if Path(p).is_file() and Path(p).suffix[1:].lower() in IMG_FORMATS)
 
     text, path = str(source), Path(str(source))
-    formats = ", ".join(f".{x}" for x in sorted(IMG_FORMATS)[:6]) + ", ..."
+    formats = ".jpg, .png, .bmp, ... any of Ultralytics' image formats"
     if any(c in text for c in "*?["):
         found = images(glob.glob(text, recursive=True))
         if not found:
@@ -533,8 +533,8 @@ def options(argv: list[str]) -> SimpleNamespace:
     args, kd = parse_kv(argv), kd_defaults()
     for key in args:
         if key not in OWN_KEYS and key not in kd:
-            raise SyntaxError(f"'{key}' is not an explain argument.{closest(key, [*OWN_KEYS, *kd])} See `yolokd "
-                              "explain help`.")
+            raise SyntaxError(f"'{key}' is not an explain argument.{closest(key, sorted({*OWN_KEYS, *kd}))} See "
+                              "`yolokd explain help`.")
     check_kd_values({k: v for k, v in args.items() if k in kd})
     return SimpleNamespace(**{**kd, **OWN_KEYS, **args})
 
