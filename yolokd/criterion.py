@@ -181,7 +181,9 @@ class DistillationLoss:
             if self.methods.fit_adapters(s, t):
                 broadcast_from_rank0(self.methods)
             terms = self._branch_terms(s, t, batch)
-            bad = [k for k, v in terms.items() if not torch.isfinite(v.value).all()]
+            bad = []
+            if not torch.isfinite(torch.stack([v.value for v in terms.values()])).all():  # one sync per step
+                bad = [k for k, v in terms.items() if not torch.isfinite(v.value)]
             if bad:  # step 3: drop this step's distillation; nothing non-finite enters the graph
                 self._warn_once(bad)
                 terms = {k: Term(torch.zeros((), device=v.value.device), v.capped) for k, v in terms.items()}
