@@ -80,14 +80,15 @@ class DistillationTrainer(DetectionTrainer):
         self.teacher = self.distillation = self._kd_state_dir = None
         self._preflight = None
         if not overrides.get("resume"):
-            if overrides.get("data"):  # what the dataset holds, before Ultralytics creates the run folder
-                check_dataset(check_det_dataset(overrides["data"]), str(overrides["data"]))
-            self._preflight = self._check_inputs(overrides)
+            data = check_det_dataset(overrides["data"]) if overrides.get("data") else None
+            if data is not None:  # what the dataset holds, before Ultralytics creates the run folder
+                check_dataset(data, str(overrides["data"]))
+            self._preflight = self._check_inputs(overrides, data)
         if overrides.get("method") == BUILTIN and not overrides.get("resume"):
             overrides["distill_model"] = overrides["teacher"]  # Ultralytics loads and wraps the teacher itself
         super().__init__(base, overrides, _callbacks)
         if self.args.resume and self.kd_method_names:  # the run's own arguments are back: check them as a new run's
-            self._preflight = self._check_inputs(vars(self.args))
+            self._preflight = self._check_inputs(vars(self.args), check_det_dataset(self.args.data))
         if self.kd_method_names and self.args.compile:
             LOGGER.warning("compile=True is not supported with distillation (forward hooks); disabling it.")
             self.args.compile = False
@@ -109,8 +110,9 @@ class DistillationTrainer(DetectionTrainer):
         names = resolve_method_names(getattr(self.args, "method", None), getattr(self.args, "teacher", None))
         return [] if names == [BUILTIN] else names
 
-    def _check_inputs(self, overrides: dict) -> tuple | None:
-        """Every check that can fail, before Ultralytics creates the run folder. Returns (teacher, data) or None."""
+    def _check_inputs(self, overrides: dict, data: dict | None) -> tuple | None:
+        """Every check of the distillation's inputs (`data`: the checked dataset dict, or None), before Ultralytics
+        creates the run folder. Returns (teacher, student) or None."""
         _, kd = split_kd_args(overrides)
         check_kd_values(kd)
         teacher_spec = kd.get("teacher")
@@ -123,7 +125,6 @@ class DistillationTrainer(DetectionTrainer):
         if not names:
             return None
         check_adapter_init(kd.get("adapter_init", "random"))
-        data = check_det_dataset(overrides["data"]) if overrides.get("data") else None
         for n in names:
             get_method(n).check_inputs(overrides, data)
         student_spec = overrides.get("model")
