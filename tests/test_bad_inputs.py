@@ -115,6 +115,35 @@ def test_misspelt_key_suggests_the_right_one(tiny_data):
         DistillationTrainer(overrides=dict(model="yolov8n.yaml", data=tiny_data, dfd_alhpa=1.0))
 
 
+def test_official_name_offline_is_one_line(monkeypatch):
+    """An official name Ultralytics cannot fetch: its download warnings are muted, only yolokd's line is left."""
+    import logging
+
+    import ultralytics.utils.downloads as downloads
+    from ultralytics.utils import LOGGER
+
+    from yolokd.checks import resolve_weights
+
+    def offline(path, *a, **k):
+        LOGGER.warning("GitHub assets check failure (offline)")
+        raise ConnectionError("offline")
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    seen, keep = [], Keep()
+    monkeypatch.setattr(downloads, "attempt_download_asset", offline)
+    LOGGER.addHandler(keep)
+    try:
+        with pytest.raises(DistillationConfigError, match="teacher=yolov8x: teacher weights not found"):
+            resolve_weights("yolov8x", "teacher")
+        LOGGER.warning("after")  # the logger's level is restored
+    finally:
+        LOGGER.removeHandler(keep)
+    assert len(seen) == 1 and seen[0].endswith("after")
+
+
 def test_cli_reports_error_and_exit_code(ckpts, tiny_data, capsys, existing_run):
     before = snapshot(existing_run.parent)
     code = main(["train", "model=yolov8n.yaml", f"teacher={ckpts['nc3']}", f"data={tiny_data}",

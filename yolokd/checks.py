@@ -37,14 +37,22 @@ def resolve_weights(spec: str | Path, role: str) -> Path:
         path = path.with_suffix(".pt")  # 'yolov8s' -> 'yolov8s.pt', as Ultralytics does for model names
     if path.exists():
         return path
-    try:
-        from ultralytics.utils.downloads import attempt_download_asset
+    from ultralytics.utils import LOGGER, SETTINGS
+    from ultralytics.utils.downloads import GITHUB_ASSETS_NAMES, attempt_download_asset
 
-        found = Path(attempt_download_asset(path))
-        if found.exists():
-            return found
-    except Exception:  # offline, unknown asset name, ...: reported below
-        pass
+    if (Path(SETTINGS["weights_dir"]) / path).exists():  # where Ultralytics keeps the weights it fetched
+        return Path(SETTINGS["weights_dir"]) / path
+    if path.name in GITHUB_ASSETS_NAMES:  # only official names can be fetched; the failure is reported below
+        level = LOGGER.level
+        LOGGER.setLevel("ERROR")  # Ultralytics' offline warnings would bury the one-line error
+        try:
+            found = Path(attempt_download_asset(path))
+            if found.exists():
+                return found
+        except Exception:  # offline, no release, ...
+            pass
+        finally:
+            LOGGER.setLevel(level)
     raise DistillationConfigError(
         f"{key}={spec}: {role} weights not found locally and not downloadable (offline, or not an official "
         f"Ultralytics asset). Pass a local path ({key}=path/to/{path.name}), or a model .yaml "
