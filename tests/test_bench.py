@@ -50,6 +50,14 @@ def test_mean_column_of_results_csv(tmp_path):
     assert math.isnan(mean_column(tmp_path, "train/absent"))
 
 
+def test_epoch_seconds_counts_across_a_resume(tmp_path):
+    """Ultralytics restarts results.csv's clock on resume: epochs of 10, 10, then (resumed) 12 and 12 seconds."""
+    from yolokd.bench.gains import epoch_seconds
+
+    (tmp_path / "results.csv").write_text("epoch, time, x\n1, 10, 0\n2, 20, 0\n3, 12, 0\n4, 24, 0\n")
+    assert epoch_seconds(tmp_path) == pytest.approx(11.0)  # dividing the last time by 4 epochs would give 6
+
+
 @pytest.mark.parametrize("argv,message", [
     (["profile=scratchh"], "profile=scratchh is not a benchmark profile. Did you mean 'scratch'?"),
     (["methods=dfd,pgdd"], "Unknown distillation method 'pgdd'"),
