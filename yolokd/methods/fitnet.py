@@ -12,7 +12,7 @@
   epochs with the hint; the KD term acts throughout, so 1 (the default) runs both from the first step, as one
   Ultralytics run. On the 8-epoch CPU profile `hint_share: 0.5` gained +0.001 over 1 on two seeds, within noise.
 
-Measured there (docs/benchmarks.md, fourth round): the hint alone (`kd_weight: 0`) is level with the plain student
+Measured there (docs/experiments.md, fourth round): the hint alone (`kd_weight: 0`) is level with the plain student
 over 10 seeds; with the KD stage FitNets is well above it, and the KD term alone is above both, so on this profile
 the hint costs a little.
 

@@ -32,7 +32,7 @@ YOLO adaptation (ours):
   43.2 % over 5 seeds (docs/experiments.md);
 - being on the task loss's own scale, it is exempt from `kd_max_ratio` (the cap for feature terms whose paper
   weights were tuned on other features): capped at 0.25, its seed-0 gain on the CPU profile fell from +0.027 to
-  +0.017 mAP50-95 (docs/benchmarks.md).
+  +0.017 mAP50-95 (docs/experiments.md).
 """
 
 from __future__ import annotations
