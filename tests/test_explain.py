@@ -265,6 +265,44 @@ def test_bad_input_is_one_line_and_writes_nothing(argv, words, tiny_data, tmp_pa
     assert not any(cwd.iterdir())
 
 
+# ---------------------------------------------------------------------------------------------- gradient share
+def test_gradient_share_hand_values():
+    """Task terms a1.p + a2.p (gradient (2, 0)) against a KD term b.p: |b| / 2 and the cosine of b with (1, 0)."""
+    p = torch.zeros(2, requires_grad=True)
+    a1 = a2 = torch.tensor([1.0, 0.0])
+    for b, ratio, cos in (([0.0, 3.0], 1.5, 0.0), ([-1.0, 0.0], 0.5, -1.0), ([4.0, 4.0], 2 * 2 ** 0.5, 2 ** -0.5)):
+        losses = torch.stack([a1 @ p, a2 @ p, torch.tensor(b) @ p])
+        share = ex.gradient_share(losses, [p])
+        assert share["kd_grad"] == pytest.approx(ratio) and share["kd_grad_cos"] == pytest.approx(cos, abs=1e-7)
+    constant_kd = torch.stack([a1 @ p, torch.tensor(0.0)])  # no KD term reaches the weights
+    share = ex.gradient_share(constant_kd, [p])
+    assert share["kd_grad"] == 0.0 and np.isnan(share["kd_grad_cos"])
+
+
+def test_gradient_share_of_explain_scales_with_the_weight():
+    """On the real criterion: doubling `ld`'s weights (uncapped) doubles kd_grad and leaves its cosine and the task's
+    gradient alone, so the last loss entry is the KD sum and the rest the task's."""
+    from ultralytics.cfg import get_cfg
+    from ultralytics.nn.tasks import DetectionModel
+
+    from yolokd.config import kd_defaults
+
+    shares = []
+    for k in (1.0, 2.0):
+        torch.manual_seed(0)
+        student = DetectionModel("yolov8n.yaml", nc=6, verbose=False)
+        student.args = get_cfg()
+        teacher = DetectionModel("yolov8s.yaml", nc=6, verbose=False).eval()
+        args = SimpleNamespace(**{**kd_defaults(), "ld_cls_weight": k, "ld_box_weight": 0.25 * k})
+        crit = build_distillation(["ld"], student, teacher, args)
+        pictures = [ex.Picture(file=Path(f"{i}.png"), image=np.full((64, 64, 3), 90 + 40 * i, np.uint8),
+                               boxes=np.array([[i, 16, 16, 48, 40]], np.float32), gt="labels") for i in range(2)]
+        shares.append(ex.explain(crit, student, teacher, pictures).items)
+    assert shares[1]["kd_grad"] == pytest.approx(2 * shares[0]["kd_grad"], rel=1e-4)
+    assert shares[1]["kd_grad_cos"] == pytest.approx(shares[0]["kd_grad_cos"], abs=1e-5)
+    assert 0 < shares[0]["kd_grad"] and -1 <= shares[0]["kd_grad_cos"] <= 1
+
+
 # ---------------------------------------------------------------------------------------------- during training
 def test_figure_epochs_are_first_middle_last():
     assert ex.figure_epochs(30) == {1, 15, 30} and ex.figure_epochs(4) == {1, 2, 4} and ex.figure_epochs(1) == {1}

@@ -15,7 +15,9 @@ Nothing is recomputed here. The figure is drawn from one real distillation step:
 + a training-mode step of the student on a batch made of the images and their labels (when an image has no label
 file, the teacher's detections stand in for them), inside `MethodSet.recording`, so each map is the tensor the
 method's `forward` handed to its loss (`DistillMethod.record`). The student's `kd_state.pt`, when it is beside the
-checkpoint and of the same method, gives the trained adapters.
+checkpoint and of the same method, gives the trained adapters. The same step gives the gradient share
+(`gradient_share`): how hard the KD terms pull on the student's weights against the task loss (`kd_grad`), and in
+which direction (`kd_grad_cos`), printed and written on the figure with the step's terms.
 
 During training with `plots=True`, `DistillationTrainer` draws the same figure for the first val image at the end of
 the first, middle and last epoch (`EpochFigures`, `kd_explain_epoch<e>.png`) and, beside Ultralytics' `results.png`,
@@ -47,7 +49,9 @@ Draws what the distillation does on each image, into one PNG per image: the imag
 models' detections, then, for each method, the maps its loss uses, per pyramid level (P3, P4, P5), as recorded in
 one real distillation step on these images (pgd: key predictive regions and top-K anchors; dfd: disparity and its
 high/low split; pdf, pfi: per-position weights; rm: each object's candidates ranked by teacher and student; dicod:
-the crops and the classifier's scores; ld: the teacher's confidence; fitnet: the hint error).
+the crops and the classifier's scores; ld: the teacher's confidence; fitnet: the hint error). It prints the step's
+loss terms and the gradient share: kd_grad = |grad of the KD terms| / |grad of the task loss| on the student's
+weights, kd_grad_cos = the cosine between the two (near 0: the KD pulls elsewhere than the task does).
 
   model=        the student: a checkpoint (.pt), or a model .yaml (random init); a kd_state.pt of the same method
                 beside the checkpoint gives the trained adapters
@@ -214,12 +218,27 @@ class Explained:
         return "+".join(self.methods)
 
 
+def gradient_share(losses: torch.Tensor, params: list[torch.Tensor]) -> dict[str, float]:
+    """How the distillation pulls on the student's weights in one step, from `DistillationLoss`'s loss vector (task
+    terms, then the KD sum as applied, cap included): `kd_grad` = |grad KD| / |grad task| and `kd_grad_cos` = the
+    cosine between the two gradients (about 0: KD pulls elsewhere than the task; 1: it pushes the task's way)."""
+    grads = [torch.autograd.grad(part, params, retain_graph=True, allow_unused=True) if part.requires_grad else ()
+             for part in (losses[:-1].sum(), losses[-1])]
+    task, kd = (torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()
+                           for g, p in zip(gs or [None] * len(params), params)]) for gs in grads)
+    if kd.norm() == 0:  # nothing of the KD terms reaches these weights: no direction to compare
+        return {"kd_grad": 0.0, "kd_grad_cos": float("nan")}
+    return {"kd_grad": float(kd.norm() / task.norm().clamp_min(1e-12)),
+            "kd_grad_cos": float(torch.nn.functional.cosine_similarity(task, kd, dim=0))}
+
+
 def explain(crit, student, teacher, pictures: list[Picture], conf: float = 0.25, names=None) -> Explained:
     """Detections of both models, then one training-mode step of `student` under the distillation `crit`
-    (`build_distillation`'s, not yet installed: it is installed for the step and removed after) with recording on.
+    (`build_distillation`'s, not yet installed: it is installed for the step and removed after) with recording on,
+    and the gradient share of that step (`gradient_share`, nothing is updated).
 
-    Pictures without labels get the teacher's detections as ground truth. The step runs without gradient, in fp32;
-    it changes `student`'s BatchNorm statistics, so pass a copy of a model that must not change.
+    Pictures without labels get the teacher's detections as ground truth. The step runs in fp32; it changes
+    `student`'s BatchNorm statistics, so pass a copy of a model that must not change.
     """
     device = next(student.parameters()).device
     img = make_batch(pictures, device)["img"]
@@ -234,12 +253,15 @@ def explain(crit, student, teacher, pictures: list[Picture], conf: float = 0.25,
     was = student.training
     student.train()
     try:
-        with torch.no_grad(), torch.autocast(device.type, enabled=False), crit.methods.recording() as records:
-            _, items = student.loss(batch)
+        with torch.autocast(device.type, enabled=False), crit.methods.recording() as records:
+            losses, items = student.loss(batch)
+            items.update(gradient_share(losses, [q for q in student.parameters() if q.requires_grad]))
     finally:
         crit.remove()
         student.train(was)
     names = names or student.names
+    records = {b: {m: {k: [v.detach() for v in vs] for k, vs in rec.items()} for m, rec in per_method.items()}
+               for b, per_method in records.items()}  # the graph was for the gradient share only
     return Explained(pictures, detections, records, {k: float(v) for k, v in items.items()},
                      [int(s) for s in student.stride], dict(enumerate(names)) if isinstance(names, list) else names,
                      list(crit.methods.methods))
@@ -616,11 +638,12 @@ def cmd_explain(argv: list[str]) -> int:
     from yolokd.criterion import build_distillation
 
     opt = options(argv)
+    torch.manual_seed(0)  # a .yaml student or teacher: the same random weights for the same command
     names, student, teacher, data, pictures = inputs(opt)
     device = select_device("" if opt.device is None else opt.device, verbose=False)
     hyp = student.args if isinstance(getattr(student, "args", None), dict) else {}  # a checkpoint's train arguments
     student.args = get_cfg(overrides={k: hyp[k] for k in ("box", "cls", "dfl") if k in hyp})  # the task loss's gains
-    student, teacher = student.to(device).float(), teacher and teacher.to(device).float().eval()
+    student, teacher = student.to(device).float().requires_grad_(True), teacher and teacher.to(device).float().eval()
     opt.data = data["names"] if data else student.names  # DICOD matches its classifier's classes by name
     torch.manual_seed(0)  # fresh adapters, so the same command draws the same figure
     crit = build_distillation(names, student, teacher, opt, device=device)
