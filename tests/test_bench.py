@@ -25,6 +25,10 @@ def test_summary_pairs_by_seed_and_computes_gap_closed():
     # paired t = sqrt(2) * mean(0.15, 0) / std(0.15, 0) = sqrt(2) * 0.075 / 0.1061 = 1.0
     assert rows["dfd"]["t"] == pytest.approx(1.0) and "| 1/2 | 1.0 | 25.0 % |" in md
     assert md.splitlines()[-3].endswith("| 1.0 | — |")  # dfd row: no overhead measured here
+    assert "needs t > 6.31 with 2 seeds" in md
+    one = Profile(methods=("dfd",), seeds=(0,))
+    md = markdown(one, results, summarize(one, results))
+    assert "it needs at least 2 seeds" in md and "nan" not in md.lower()
 
 
 def test_variant_runs_are_paired_with_the_shared_plain_runs_and_the_table_names_its_code():

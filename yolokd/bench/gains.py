@@ -349,8 +349,10 @@ def markdown(p: Profile, results: dict, rows: list[dict], command: str | None = 
         body += (f"| {r['student']} | {_mean_std(r['map50_95'])} | {_mean_std(r['map50'])} | {gain} | {wins} | {tt} | "
                  f"{gap} | {scale} | {r['sec_per_epoch']:.1f} | {over} |\n")
     n = len(p.seeds)
-    foot = ("\npaired t: mean paired gain / its standard error over the seeds (one-sided p < 0.05 needs t > "
-            f"{T_ONE_SIDED_5.get(n - 1, math.nan):.2f} with {n} seeds). cap scale: mean over epochs and seeds of "
+    needs = ("it needs at least 2 seeds" if n < 2 else f"one-sided p < 0.05 needs t > {T_ONE_SIDED_5[n - 1]:.2f} with "
+             f"{n} seeds" if n - 1 in T_ONE_SIDED_5 else "one-sided p < 0.05 needs t > 1.81 or a little less")
+    foot = (f"\npaired t: mean paired gain / its standard error over the seeds ({needs}). "
+            "cap scale: mean over epochs and seeds of "
             "`kd_scale`, the factor `kd_max_ratio` multiplied the capped terms by (1 = the cap never bound; — = no "
             "capped term). s/epoch: wall time per training epoch, with the profile's `jobs` runs sharing the "
             "machine. KD step overhead: one distillation step / (student step + teacher forward), `yolokd "
@@ -410,7 +412,7 @@ benchmarks.json and benchmarks.png (paired gain over the plain student, per seed
 interrupted ones resumed: run the same command again to continue.
 
 Profiles (data=synthetic, generated locally; out= per profile):
-  scratch   the main one: students from yolov8n.yaml, Ultralytics' own schedule, 30 epochs, 3 seeds, 17 rows (~5.5 h on 2 cores)
+  scratch   the main one: students from yolov8n.yaml, Ultralytics' own schedule, 30 epochs, 3 seeds, 17 rows, ~5.5 h
   demo      the README's quick job: a warm-started plain and ld student, 4 epochs, one seed (~40 min)
   cpu       warm-started students, 4 epochs, 2 seeds;  cpu8: 8 epochs, 3 seeds
   gpu       yolov8l teacher, yolov8n student, 640 px, 100 epochs (data= a real dataset, device=0)
