@@ -31,6 +31,16 @@ def test_summary_pairs_by_seed_and_computes_gap_closed():
     assert "it needs at least 2 seeds" in md and "nan" not in md.lower()
 
 
+def test_a_composition_is_paired_with_its_last_part_too():
+    p = Profile(methods=("ld", "dfd+ld", "dfd"), seeds=(0, 1))
+    results = {"teacher": rec(0.5), "plain_s0": rec(0.2), "plain_s1": rec(0.3), "ld_s0": rec(0.3), "ld_s1": rec(0.35),
+               "dfd+ld_s0": rec(0.32), "dfd+ld_s1": rec(0.34), "dfd_s0": rec(0.1), "dfd_s1": rec(0.1)}
+    rows = {r["student"]: r for r in summarize(p, results)}
+    assert rows["dfd+ld"]["over_part"] == pytest.approx([0.02, -0.01])  # against ld of the same seed
+    assert "over_part" not in rows["ld"] and "over_part" not in rows["dfd"]
+    assert "| +0.0050 ± 0.0212 vs ld, 1/2 |" in markdown(p, results, list(rows.values()))
+
+
 def test_variant_runs_are_paired_with_the_shared_plain_runs_and_the_table_names_its_code():
     p = Profile(methods=("dfd",), seeds=(0, 1), variant="nocap")
     assert (p.run_name("dfd", 0), p.run_name("plain", 0)) == ("dfd-nocap_s0", "plain_s0")

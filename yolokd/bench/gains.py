@@ -309,6 +309,9 @@ def summarize(p: Profile, results: dict, overhead: dict[str, float] | None = Non
             "kd_scale": math.nan if any(math.isnan(x) for x in scales) else statistics.mean(scales),
             "overhead": (overhead or {}).get(kind, math.nan),
         })
+        part = kind.split("+")[-1]  # a composition "dfd+ld": its gain over its last part's own row, paired
+        if "+" in kind and part in p.methods:
+            rows[-1]["over_part"] = [recs[s]["map50_95"] - results[p.run_name(part, s)]["map50_95"] for s in p.seeds]
     return rows
 
 
@@ -333,9 +336,10 @@ def markdown(p: Profile, results: dict, rows: list[dict], command: str | None = 
         + (f" (fraction {p.fraction} of the train images)" if p.fraction < 1 else "")
         + f", seeds {list(p.seeds)}, device {p.device}"
         + "".join(f", {k}={v}" for k, v in {**p.student_args, **p.train_args}.items()) + ".\n\n"
-        "| student | mAP50-95 | mAP50 | gain vs plain (paired) | wins | paired t | gap closed | cap scale | s/epoch "
+        "| student | mAP50-95 | mAP50 | gain vs plain (paired) | wins | paired t | gap closed | vs its last part "
+        "(paired) | cap scale | s/epoch "
         "| KD step overhead |\n"
-        "|---|---|---|---|---|---|---|---|---|---|\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     body = ""
     for r in rows:
@@ -346,15 +350,18 @@ def markdown(p: Profile, results: dict, rows: list[dict], command: str | None = 
         gap = "—" if base or math.isnan(r["gap_closed"]) else f"{100 * r['gap_closed']:.1f} %"
         scale = "—" if math.isnan(r.get("kd_scale", math.nan)) else f"{r['kd_scale']:.2f}"
         over = "—" if math.isnan(r.get("overhead", math.nan)) else f"{r['overhead']:.2f}"
+        part = (f"{_mean_std(r['over_part'], '+')} vs {r['student'].split('+')[-1]}, {sum(g > 0 for g in r['over_part'])}"
+                f"/{len(p.seeds)}" if "over_part" in r else "—")
         body += (f"| {r['student']} | {_mean_std(r['map50_95'])} | {_mean_std(r['map50'])} | {gain} | {wins} | {tt} | "
-                 f"{gap} | {scale} | {r['sec_per_epoch']:.1f} | {over} |\n")
+                 f"{gap} | {part} | {scale} | {r['sec_per_epoch']:.1f} | {over} |\n")
     n = len(p.seeds)
     needs = ("it needs at least 2 seeds" if n < 2 else f"one-sided p < 0.05 needs t > {T_ONE_SIDED_5[n - 1]:.2f} with "
              f"{n} seeds" if n - 1 in T_ONE_SIDED_5 else "one-sided p < 0.05 needs t > 1.81 or a little less")
     foot = (f"\npaired t: mean paired gain / its standard error over the seeds ({needs}). "
             "cap scale: mean over epochs and seeds of "
             "`kd_scale`, the factor `kd_max_ratio` multiplied the capped terms by (1 = the cap never bound; — = no "
-            "capped term). s/epoch: wall time per training epoch, with the profile's `jobs` runs sharing the "
+            "capped term). vs its last part: a composition's paired gain over its last part alone (dfd+ld against ld), "
+            "with its wins. s/epoch: wall time per training epoch, with the profile's `jobs` runs sharing the "
             "machine. KD step overhead: one distillation step / (student step + teacher forward), `yolokd "
             "overhead` on the same models (1.00 = the KD terms cost nothing beyond running both models).\n")
     return head + body + foot
