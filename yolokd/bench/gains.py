@@ -350,8 +350,9 @@ def markdown(p: Profile, results: dict, rows: list[dict], command: str | None = 
         gap = "—" if base or math.isnan(r["gap_closed"]) else f"{100 * r['gap_closed']:.1f} %"
         scale = "—" if math.isnan(r.get("kd_scale", math.nan)) else f"{r['kd_scale']:.2f}"
         over = "—" if math.isnan(r.get("overhead", math.nan)) else f"{r['overhead']:.2f}"
-        part = (f"{_mean_std(r['over_part'], '+')} vs {r['student'].split('+')[-1]}, {sum(g > 0 for g in r['over_part'])}"
-                f"/{len(p.seeds)}" if "over_part" in r else "—")
+        over_part = r.get("over_part")
+        part = (f"{_mean_std(over_part, '+')} vs {r['student'].split('+')[-1]}, {sum(g > 0 for g in over_part)}"
+                f"/{len(p.seeds)}" if over_part else "—")
         body += (f"| {r['student']} | {_mean_std(r['map50_95'])} | {_mean_std(r['map50'])} | {gain} | {wins} | {tt} | "
                  f"{gap} | {part} | {scale} | {r['sec_per_epoch']:.1f} | {over} |\n")
     n = len(p.seeds)
