@@ -121,14 +121,17 @@ def code_version() -> str:
         return __version__
 
 
-def mean_column(run: Path, column: str) -> float:
-    """Mean over the epochs of one results.csv column (NaN when the run did not log it)."""
+def read_column(run: Path, column: str) -> list[float]:
+    """One column of a run's results.csv, one value per epoch (empty when the run did not log it)."""
     rows = [r.split(",") for r in (run / "results.csv").read_text().strip().splitlines()]
     head = [h.strip() for h in rows[0]]
-    if column not in head or len(rows) < 2:
-        return math.nan
-    i = head.index(column)
-    return statistics.mean(float(r[i]) for r in rows[1:])
+    return [float(r[head.index(column)]) for r in rows[1:]] if column in head else []
+
+
+def mean_column(run: Path, column: str) -> float:
+    """Mean over the epochs of one results.csv column (NaN when the run did not log it)."""
+    values = read_column(run, column)
+    return statistics.mean(values) if values else math.nan
 
 
 def train_run(name: str, model: str, args: dict, detector: bool = True) -> dict:
@@ -269,13 +272,9 @@ def paired_t(gains: list[float]) -> float:
 def epoch_seconds(run: Path) -> float:
     """Mean wall time per epoch from results.csv's `time` column. Ultralytics restarts that clock when a run is
     resumed, so an epoch whose time is below the previous one's counts from zero."""
-    rows = [r.split(",") for r in (run / "results.csv").read_text().strip().splitlines()]
-    head = [h.strip() for h in rows[0]]
-    if "time" not in head or len(rows) < 2:
-        return math.nan
-    times = [float(r[head.index("time")]) for r in rows[1:]]
+    times = read_column(run, "time")
     spans = [t - prev if t >= prev else t for prev, t in zip([0.0, *times], times)]
-    return statistics.mean(spans)
+    return statistics.mean(spans) if spans else math.nan
 
 
 def _sec_per_epoch(rec: dict) -> float:
@@ -356,8 +355,9 @@ def markdown(p: Profile, results: dict, rows: list[dict], command: str | None = 
         body += (f"| {r['student']} | {_mean_std(r['map50_95'])} | {_mean_std(r['map50'])} | {gain} | {wins} | {tt} | "
                  f"{gap} | {part} | {scale} | {r['sec_per_epoch']:.1f} | {over} |\n")
     n = len(p.seeds)
-    needs = ("it needs at least 2 seeds" if n < 2 else f"one-sided p < 0.05 needs t > {T_ONE_SIDED_5[n - 1]:.2f} with "
-             f"{n} seeds" if n - 1 in T_ONE_SIDED_5 else "one-sided p < 0.05 needs t > 1.81 or a little less")
+    quantile = T_ONE_SIDED_5.get(n - 1)
+    needs = ("it needs at least 2 seeds" if n < 2 else f"one-sided p < 0.05 needs t > {quantile:.2f} with {n} seeds"
+             if quantile else "one-sided p < 0.05 needs t > 1.81 or a little less")
     foot = (f"\npaired t: mean paired gain / its standard error over the seeds ({needs}). "
             "cap scale: mean over epochs and seeds of "
             "`kd_scale`, the factor `kd_max_ratio` multiplied the capped terms by (1 = the cap never bound; — = no "
