@@ -222,10 +222,12 @@ def gradient_share(losses: torch.Tensor, params: list[torch.Tensor]) -> dict[str
     """How the distillation pulls on the student's weights in one step, from `DistillationLoss`'s loss vector (task
     terms, then the KD sum as applied, cap included): `kd_grad` = |grad KD| / |grad task| and `kd_grad_cos` = the
     cosine between the two gradients (about 0: KD pulls elsewhere than the task; 1: it pushes the task's way)."""
-    grads = [torch.autograd.grad(part, params, retain_graph=True, allow_unused=True) if part.requires_grad else ()
-             for part in (losses[:-1].sum(), losses[-1])]
-    task, kd = (torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()
-                           for g, p in zip(gs or [None] * len(params), params)]) for gs in grads)
+    def flat_grad(part: torch.Tensor) -> torch.Tensor:
+        grads = (torch.autograd.grad(part, params, retain_graph=True, allow_unused=True) if part.requires_grad
+                 else [None] * len(params))
+        return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)])
+
+    task, kd = flat_grad(losses[:-1].sum()), flat_grad(losses[-1])
     if kd.norm() == 0:  # nothing of the KD terms reaches these weights: no direction to compare
         return {"kd_grad": 0.0, "kd_grad_cos": float("nan")}
     return {"kd_grad": float(kd.norm() / task.norm().clamp_min(1e-12)),
