@@ -245,13 +245,37 @@ def test_kd_max_ratio_leaves_task_scaled_terms_alone():
     assert scale_terms(terms_of({}, {"ld_cls": torch.tensor(50.0)}), torch.tensor(1.0), 0.25)[0]["ld_cls"] == 50
 
 
-def test_kd_fade_schedule():
-    from yolokd.criterion import fade_factor
+def test_kd_ramp_and_fade_schedule():
+    from yolokd.criterion import schedule_factor
 
     # 8 epochs, fade over the last half: full weight for epochs 1-4, then 3/4, 1/2, 1/4, 0 (hand-computed)
-    assert [fade_factor(e, 8, 0.5) for e in range(8)] == [1, 1, 1, 1, 0.75, 0.5, 0.25, 0]
-    assert [fade_factor(e, 4, 1.0) for e in range(4)] == [0.75, 0.5, 0.25, 0]  # fade over all of training
-    assert all(fade_factor(e, 8, 0.0) == 1 for e in range(8))  # 0 = constant (the papers')
+    assert [schedule_factor(e, 8, 0.0, 0.5) for e in range(8)] == [1, 1, 1, 1, 0.75, 0.5, 0.25, 0]
+    assert [schedule_factor(e, 4, 0.0, 1.0) for e in range(4)] == [0.75, 0.5, 0.25, 0]  # fade over all of training
+    assert all(schedule_factor(e, 8, 0.0, 0.0) == 1 for e in range(8))  # 0 = constant (the papers')
+    # ramp over the first half: 1/4, 2/4, 3/4, then full weight; never 0, so the adapters train from the start
+    assert [schedule_factor(e, 8, 0.5, 0.0) for e in range(8)] == [0.25, 0.5, 0.75, 1, 1, 1, 1, 1]
+    assert [schedule_factor(e, 8, 0.5, 0.5) for e in range(8)] == [0.25, 0.5, 0.75, 1, 0.75, 0.5, 0.25, 0]
+    assert schedule_factor(0, 3, 1.0, 0.0) == pytest.approx(1 / 3)
+
+
+def test_kd_ramp_reaches_the_criterion_by_the_trainers_epoch():
+    """kd_ramp=0.5 over 8 epochs: the capped terms weigh 1/4 in the first epoch and fully from the fourth."""
+    from types import SimpleNamespace
+
+    from helpers import student_step
+    from yolokd.config import kd_defaults
+
+    args = SimpleNamespace(**{**kd_defaults(), "method": "dfd", "kd_max_ratio": 0.0, "kd_ramp": 0.5})
+    *_, model, _, _, crit = student_step("yolov8n.yaml", ["a", "b", "c"], args, "yolov8n.yaml")
+    torch.manual_seed(1)
+    img = torch.rand(2, 3, 64, 64)
+    batch = {"img": img, "batch_idx": torch.tensor([0.0, 1.0]), "cls": torch.tensor([[0.0], [2.0]]),
+             "bboxes": torch.tensor([[0.3, 0.3, 0.4, 0.3], [0.5, 0.5, 0.6, 0.6]])}
+    kd = {}
+    for epoch in (0, 3):
+        crit.trainer = SimpleNamespace(epoch=epoch, epochs=8)
+        kd[epoch] = crit(model(img), batch)[1]["kd_loss"]
+    assert kd[3] > 0 and kd[0] == pytest.approx(kd[3] / 4, rel=1e-5)
 
 
 def test_kd_fade_scales_capped_terms_only():

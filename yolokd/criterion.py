@@ -17,7 +17,7 @@ How a method's raw term becomes loss, in order (`DistillationLoss.__call__` and 
    the term once), so an inf or NaN never reaches the weights and the cap never multiplies one;
 4. `kd_max_ratio`: the capped terms are scaled by one detached factor so that their sum is at most that share of
    the task loss, never up (column `kd_scale`);
-5. `kd_fade`: the capped terms are multiplied by the fade schedule (`fade_factor`);
+5. `kd_ramp`, `kd_fade`: the capped terms are multiplied by the epoch's schedule factor (`schedule_factor`);
 6. the sum of all terms is `kd_loss`; it is multiplied by the batch size, as Ultralytics' loss vector is, and
    appended to it.
 
@@ -47,16 +47,21 @@ from yolokd.taps import (
 )
 
 
-def fade_factor(epoch: int, epochs: int, fade: float) -> float:
-    """`kd_fade`: 1 until the last `fade` share of the epochs, then falling linearly, epoch by epoch, to 0 in the last.
+def schedule_factor(epoch: int, epochs: int, ramp: float, fade: float) -> float:
+    """The epoch's factor on the capped terms: `kd_ramp` at the start times `kd_fade` at the end.
 
-    factor(e) = clip((E - 1 - e) / (fade * E), 0, 1) for the 0-based epoch e of E: with E = 8 and fade = 0.5 the
-    epochs 5..8 get 0.75, 0.5, 0.25, 0. `fade <= 0` gives 1 throughout (constant weights, as in the papers).
-    Early-stopped distillation (Cho & Hariharan, ICCV 2019, "On the efficacy of knowledge distillation"), made gradual.
+    ramp(e) = min(1, (e + 1) / (ramp * E)) for the 0-based epoch e of E: with E = 8 and ramp = 0.5 the epochs 1..4
+    get 0.25, 0.5, 0.75, 1 (a feature term whose gradient points elsewhere than the task's at random init comes in
+    as the student learns; docs/benchmarks.md, gradient share). fade(e) = clip((E - 1 - e) / (fade * E), 0, 1): with
+    E = 8 and fade = 0.5 the epochs 5..8 get 0.75, 0.5, 0.25, 0 (early-stopped distillation, Cho & Hariharan, ICCV
+    2019, "On the efficacy of knowledge distillation", made gradual). 0 turns either off (constant weights, as in
+    the papers).
     """
-    if fade <= 0 or epochs <= 0:
+    if epochs <= 0:
         return 1.0
-    return min(1.0, max(0.0, (epochs - 1 - epoch) / (fade * epochs)))
+    up = min(1.0, (epoch + 1) / (ramp * epochs)) if ramp > 0 else 1.0
+    down = min(1.0, max(0.0, (epochs - 1 - epoch) / (fade * epochs))) if fade > 0 else 1.0
+    return up * down
 
 
 def scale_terms(terms: dict[str, Term], task: torch.Tensor, max_ratio: float,
@@ -66,7 +71,8 @@ def scale_terms(terms: dict[str, Term], task: torch.Tensor, max_ratio: float,
     The cap is a safety valve for loss scale: a paper's weights were tuned for other features (mmdet FPNs, 640 px,
     two-stage heads); with YOLO features the same weights can make the KD term many times the task loss, and the
     student ends worse than without a teacher. The factor is `max_ratio * task / sum(capped)`, at most 1, detached
-    (it scales gradients, not their directions); `max_ratio <= 0` does not cap. `weight` is the `kd_fade` factor.
+    (it scales gradients, not their directions); `max_ratio <= 0` does not cap. `weight` is the schedule's factor
+    (`kd_ramp`, `kd_fade`).
 
     Returns:
         the terms' values, and the cap's factor (a detached scalar, 1 when the cap does not bind or is off), which
@@ -117,7 +123,7 @@ class DistillationLoss:
         teacher_taps: taps on the teacher.
         trainer: read for `epoch` / `epochs` only.
         max_ratio: `kd_max_ratio` (see `scale_terms`).
-        fade: `kd_fade` (see `fade_factor`); like the cap, it acts on the capped terms only.
+        ramp, fade: `kd_ramp`, `kd_fade` (see `schedule_factor`); like the cap, they act on the capped terms only.
         one2one: `kd_one2one`: with an end-to-end student (YOLO26), also distil its one-to-one head (see below).
         agreement: log `kd_agree` (`kd_agreement`, needs a detector teacher); the trainer sets it to `plots`.
 
@@ -131,9 +137,11 @@ class DistillationLoss:
     """
 
     def __init__(self, methods: MethodSet, teacher: nn.Module | None, teacher_taps: Taps | None, trainer=None,
-                 max_ratio: float = 0.0, fade: float = 0.0, one2one: bool = True, agreement: bool = False):
+                 max_ratio: float = 0.0, ramp: float = 0.0, fade: float = 0.0, one2one: bool = True,
+                 agreement: bool = False):
         self.methods, self.teacher, self.teacher_taps, self.trainer = methods, teacher, teacher_taps, trainer
-        self.max_ratio, self.fade, self.one2one, self.agreement = max_ratio, fade, one2one, agreement
+        self.max_ratio, self.ramp, self.fade = max_ratio, ramp, fade
+        self.one2one, self.agreement = one2one, agreement
         self.task = self.student_taps = None
         self.branches: list[str] = []
         self.recorders: dict[str, _AssignmentRecorder] = {}
@@ -188,7 +196,7 @@ class DistillationLoss:
                 self._warn_once(bad)
                 terms = {k: Term(torch.zeros((), device=v.value.device), v.capped) for k, v in terms.items()}
             values, scale = scale_terms(terms, loss.detach().float().sum() / n, self.max_ratio,
-                                        fade_factor(self._epoch, self._epochs, self.fade))
+                                        schedule_factor(self._epoch, self._epochs, self.ramp, self.fade))
         kd = torch.stack(list(values.values())).sum()
         items = {**items, "kd_loss": kd.detach()}
         if len(values) > 1:
@@ -265,7 +273,8 @@ class DistillationLoss:
 def build_distillation(names: list[str], student: nn.Module, teacher: nn.Module | None, args,
                        trainer=None, device: torch.device | str | None = None) -> DistillationLoss:
     """The distillation of `student` by `teacher` (frozen, or None) with the methods `names` and the train
-    arguments `args` (a namespace with yolokd's keys: `kd_max_ratio`, `kd_fade`, `kd_one2one`, the methods'),
+    arguments `args` (a namespace with yolokd's keys: `kd_max_ratio`, `kd_ramp`, `kd_fade`, `kd_one2one`, the
+    methods'),
     its adapters on `device` (default: the student's).
 
     The methods' adapters are sized from one dry forward of each model. Nothing is hooked on the student until
@@ -284,4 +293,5 @@ def build_distillation(names: list[str], student: nn.Module, teacher: nn.Module 
     defaults = kd_defaults()  # for a namespace without yolokd's keys (Python callers): cfg/default.yaml's values
     arg = lambda key: getattr(args, key, defaults[key])  # noqa: E731
     return DistillationLoss(methods, teacher, teacher_taps, trainer, max_ratio=float(arg("kd_max_ratio") or 0.0),
-                            fade=float(arg("kd_fade") or 0.0), one2one=bool(arg("kd_one2one")))
+                            ramp=float(arg("kd_ramp") or 0.0), fade=float(arg("kd_fade") or 0.0),
+                            one2one=bool(arg("kd_one2one")))
