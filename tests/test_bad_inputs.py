@@ -144,6 +144,29 @@ def test_official_name_offline_is_one_line(monkeypatch):
     assert len(seen) == 1 and seen[0].endswith("after")
 
 
+def test_a_missing_teacher_is_the_only_line(tiny_data, tmp_path, capsys):
+    """The teacher is checked before the student is built, so none of Ultralytics' model-building lines come first."""
+    import logging
+
+    from ultralytics.utils import LOGGER
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            logged.append(record.getMessage())
+
+    logged, keep, level = [], Keep(), LOGGER.level
+    LOGGER.addHandler(keep)
+    LOGGER.setLevel("INFO")  # as a user sees it
+    try:
+        code = main(["train", "model=yolov8n.yaml", f"data={tiny_data}", f"teacher={tmp_path / 'gone.pt'}",
+                     f"project={tmp_path}"])
+    finally:
+        LOGGER.removeHandler(keep)
+        LOGGER.setLevel(level)
+    assert code == 2 and logged == []
+    assert "teacher=" in capsys.readouterr().err and not list(tmp_path.glob("*/"))  # one line, no run folder
+
+
 def test_cli_reports_error_and_exit_code(ckpts, tiny_data, capsys, existing_run):
     before = snapshot(existing_run.parent)
     code = main(["train", "model=yolov8n.yaml", f"teacher={ckpts['nc3']}", f"data={tiny_data}",

@@ -127,15 +127,15 @@ class DistillationTrainer(DetectionTrainer):
         check_adapter_init(kd.get("adapter_init", "random"))
         for n in names:
             get_method(n).check_inputs(overrides, data)
-        student_spec = overrides.get("model")
-        student = load_detector(student_spec, "student", nc=data and data["nc"]) if student_spec else None
         teacher = None
-        if teacher_spec:
+        if teacher_spec:  # first: a teacher that is missing or wrong stops before the student is built (and logs)
             teacher = load_detector(teacher_spec, "teacher", nc=data and data["nc"])
             if data is not None and not str(teacher_spec).endswith((".yaml", ".yml")):
                 check_classes(teacher, data, teacher_spec)
-            if student is not None:
-                check_strides(student, teacher)
+        student_spec = overrides.get("model")
+        student = load_detector(student_spec, "student", nc=data and data["nc"]) if student_spec else None
+        if teacher is not None and student is not None:
+            check_strides(student, teacher)
         return teacher, student
 
     # ---------------------------------------------------------------- model, teacher, adapters
