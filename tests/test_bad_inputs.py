@@ -167,6 +167,27 @@ def test_a_missing_teacher_is_the_only_line(tiny_data, tmp_path, capsys):
     assert "teacher=" in capsys.readouterr().err and not list(tmp_path.glob("*/"))  # one line, no run folder
 
 
+def test_a_yaml_model_is_built_without_a_task_warning():
+    """load_detector guesses a .yaml's task from its content, not its name (Ultralytics warns for a bare name)."""
+    import logging
+
+    from ultralytics.utils import LOGGER
+
+    from yolokd.checks import load_detector
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            warned.append(record.getMessage())
+
+    warned, keep = [], Keep(level=logging.WARNING)
+    LOGGER.addHandler(keep)
+    try:
+        model = load_detector("yolov8n.yaml", "student", nc=3)
+    finally:
+        LOGGER.removeHandler(keep)
+    assert model.nc == 3 and warned == []
+
+
 def test_cli_reports_error_and_exit_code(ckpts, tiny_data, capsys, existing_run):
     before = snapshot(existing_run.parent)
     code = main(["train", "model=yolov8n.yaml", f"teacher={ckpts['nc3']}", f"data={tiny_data}",

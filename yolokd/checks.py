@@ -19,6 +19,7 @@ from ultralytics.nn.tasks import (
     SegmentationModel,
     guess_model_task,
     load_checkpoint,
+    yaml_model_load,
 )
 
 from yolokd.config import DistillationConfigError
@@ -63,11 +64,15 @@ def resolve_weights(spec: str | Path, role: str) -> Path:
 def load_detector(spec: str | Path, role: str, nc: int | None = None) -> DetectionModel:
     """Load a detector for `role` ('teacher' or 'student'): a checkpoint, or a .yaml built with random weights."""
     if str(spec).endswith((".yaml", ".yml")):
-        task = guess_model_task(str(spec))
+        try:
+            cfg = yaml_model_load(str(spec))  # guessed from the file's head, without Ultralytics' warning for a name
+        except Exception as e:
+            raise DistillationConfigError(f"{role} model '{spec}' could not be built: {e}") from e
+        task = guess_model_task(cfg)
         if task != "detect":
             raise DistillationConfigError(_not_a_detector(role, spec, task))
         try:
-            return DetectionModel(str(spec), nc=nc, verbose=False)
+            return DetectionModel(cfg, nc=nc, verbose=False)
         except Exception as e:
             raise DistillationConfigError(f"{role} model '{spec}' could not be built: {e}") from e
     path = resolve_weights(spec, role)
