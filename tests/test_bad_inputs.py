@@ -185,7 +185,7 @@ def test_a_yaml_model_is_built_without_a_task_warning():
         model = load_detector("yolov8n.yaml", "student", nc=3)
     finally:
         LOGGER.removeHandler(keep)
-    assert model.nc == 3 and warned == []
+    assert model.yaml["nc"] == 3 and warned == []
 
 
 def test_cli_reports_error_and_exit_code(ckpts, tiny_data, capsys, existing_run):
