@@ -188,6 +188,16 @@ def test_a_yaml_model_is_built_without_a_task_warning():
     assert model.yaml["nc"] == 3 and warned == []
 
 
+def test_resuming_a_finished_checkpoint_is_one_line(ckpts, tmp_path, capsys, monkeypatch):
+    """A last.pt without optimizer state (a finished run's): Ultralytics would warn and start a new run on its default
+    dataset (a download, offline a traceback); yolokd stops with the fix."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "resume=True", f"model={ckpts['good']}"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be resumed: it holds no optimizer state" in err and "start a new run" in err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_cli_reports_error_and_exit_code(ckpts, tiny_data, capsys, existing_run):
     before = snapshot(existing_run.parent)
     code = main(["train", "model=yolov8n.yaml", f"teacher={ckpts['nc3']}", f"data={tiny_data}",

@@ -11,7 +11,7 @@ import importlib
 import sys
 from dataclasses import dataclass
 
-from yolokd.config import closest, parse_kv
+from yolokd.config import DistillationConfigError, closest, parse_kv
 
 USAGE = """\
 yolokd: knowledge distillation for Ultralytics YOLO detectors.
@@ -46,7 +46,15 @@ def cmd_train(argv: list[str]) -> int:
         raise SyntaxError("model= is required, e.g. model=yolov8n.yaml (random init) or model=path/to/student.pt")
     if not str(model).endswith((".yaml", ".yml")):
         model = str(resolve_weights(model, "student"))
-    YOLO(model).train(trainer=DistillationTrainer, **args)
+    yolo = YOLO(model)
+    ckpt = yolo.ckpt or {}
+    if args.get("resume") and not (ckpt.get("epoch", -1) >= 0 and ckpt.get("optimizer") is not None):
+        # Ultralytics' own test; it would warn and start a new run on its default dataset instead
+        raise DistillationConfigError(
+            f"model={model} cannot be resumed: it holds no optimizer state (the run finished, which strips it, or "
+            f"it is not a training checkpoint). To train on from it, start a new run: yolokd train model={model} "
+            "data=... epochs=...")
+    yolo.train(trainer=DistillationTrainer, **args)
     return 0
 
 
