@@ -124,3 +124,17 @@ def test_overhead_times_every_method_with_a_checkpoint_student(tmp_path):
     table = report(times)
     ratio = times["pfi"] / (times["student"] + times["teacher"])
     assert f"{ratio:.3f}" in table.splitlines()[-1]
+
+
+def test_label_caches_are_written_before_runs_start_side_by_side(tiny_data):
+    """Two runs that each find no label cache both write it and one fails on the other's rename: the parent writes
+    the train and val caches first."""
+    from pathlib import Path
+
+    from yolokd.bench.gains import label_caches
+
+    labels = Path(tiny_data).parent / "labels"
+    for cache in labels.glob("*.cache"):
+        cache.unlink()
+    label_caches(Profile(data="synthetic-tiny", imgsz=64, fraction=0.5))
+    assert (labels / "train.cache").exists() and (labels / "val.cache").exists()

@@ -169,6 +169,20 @@ def train_run(name: str, model: str, args: dict, detector: bool = True) -> dict:
     return result
 
 
+def label_caches(p: Profile) -> None:
+    """Ultralytics' label caches of the profile's train and val splits, written once here, before runs start side by
+    side: two runs that find no valid cache both write it, and one of them fails on the other's rename."""
+    from ultralytics.cfg import get_cfg
+    from ultralytics.data import build_yolo_dataset
+    from ultralytics.data.utils import check_det_dataset
+
+    args = p.run_args()
+    data = check_det_dataset(args["data"])
+    cfg = get_cfg(overrides={k: v for k, v in args.items() if k not in {"project", "exist_ok"}})
+    for split in ("train", "val"):  # the dataset's constructor scans the labels and saves the cache
+        build_yolo_dataset(cfg, data[split], p.batch, data, mode=split)
+
+
 def run_all(p: Profile) -> dict:
     """Teacher once, then plain + each method for each seed. Returns {"teacher": rec, run_name: rec, ...}.
 
@@ -178,6 +192,7 @@ def run_all(p: Profile) -> dict:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
+    label_caches(p)
     results = {}
     with ProcessPoolExecutor(p.jobs, mp_context=multiprocessing.get_context("spawn"),
                              initializer=_exit_with_parent) as pool:
