@@ -98,7 +98,7 @@ def test_tiny_bench_runs_then_skips_finished_runs(tmp_path, tiny_data):
     p = Profile(data=tiny_data, methods=("fitnet", "dicod"), seeds=(0,), epochs=1, teacher_epochs=1, imgsz=64,
                 batch=8, student_init_epochs=1, cls_teacher_epochs=1, jobs=2, out=str(tmp_path / "bench"))
     md = bench(p)
-    assert md.exists() and (md.parent / "benchmarks.png").exists()
+    assert md.exists() and (md.parent / "benchmarks.png").exists() and (md.parent / "benchmarks-epochs.png").exists()
     data = json.loads((md.parent / "benchmarks.json").read_text())
     assert {"teacher", "student_init", "plain_s0", "fitnet_s0", "dicod_s0"} <= set(data["results"])
     assert (md.parent / "crops" / "crops.yaml").exists() and (md.parent / "cls_teacher" / "result.json").exists()
@@ -138,3 +138,27 @@ def test_label_caches_are_written_before_runs_start_side_by_side(tiny_data):
         cache.unlink()
     label_caches(Profile(data="synthetic-tiny", imgsz=64, fraction=0.5))
     assert (labels / "train.cache").exists() and (labels / "val.cache").exists()
+
+
+def test_epoch_gains_pair_the_validation_curves_and_are_plotted(tmp_path):
+    """The per-epoch gain is the run's val mAP50-95 minus the plain run's of the same seed, epoch by epoch; a run
+    whose results.csv is gone gives none, and the panel figure is drawn from what there is."""
+    from yolokd.bench.gains import epoch_gains, plot_epochs
+
+    def run(name, maps):
+        d = tmp_path / name
+        (d / "weights").mkdir(parents=True)
+        lines = "".join(f"{e + 1}, {m}, 1.0\n" for e, m in enumerate(maps))
+        (d / "results.csv").write_text("epoch, metrics/mAP50-95(B), time\n" + lines)
+        return {**rec(maps[-1]), "best": str(d / "weights" / "best.pt")}
+
+    plain, rm = run("plain_s0", [0.1, 0.2, 0.3]), run("rm_s0", [0.1, 0.25, 0.28])
+    assert epoch_gains(rm, plain) == pytest.approx([0.0, 0.05, -0.02])  # ahead mid-run, behind at the end
+    assert epoch_gains(rm, {**plain, "best": str(tmp_path / "gone" / "weights" / "best.pt")}) == []
+    p = Profile(methods=("rm",), seeds=(0,))
+    rows = summarize(p, {"teacher": rec(0.5), "plain_s0": plain, "rm_s0": rm})
+    assert rows[1]["epoch_gain"] == [pytest.approx([0.0, 0.05, -0.02])]
+    plot_epochs(rows, tmp_path / "epochs.png", close_mosaic=1)
+    assert (tmp_path / "epochs.png").stat().st_size > 0
+    plot_epochs(rows[:1], tmp_path / "none.png")  # only the plain row: nothing to draw, no empty figure
+    assert not (tmp_path / "none.png").exists()

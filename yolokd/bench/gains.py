@@ -29,7 +29,7 @@ import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from ultralytics.utils import LOGGER, colorstr
+from ultralytics.utils import DEFAULT_CFG, LOGGER, colorstr
 
 from yolokd.data.synthetic import resolve_data
 
@@ -292,11 +292,27 @@ def epoch_seconds(run: Path) -> float:
     return statistics.mean(spans) if spans else math.nan
 
 
+def _run_dir(rec: dict) -> Path | None:
+    """The folder of the run a result record belongs to, where its results.csv still exists."""
+    run = Path(rec.get("best", "")).parents[1] if rec.get("best") else None
+    return run if run and (run / "results.csv").exists() else None
+
+
 def _sec_per_epoch(rec: dict) -> float:
     """A run's seconds per epoch, from its own results.csv where it still exists (records of resumed runs written by
     earlier code divided the time since the resume by all epochs)."""
-    run = Path(rec.get("best", "")).parents[1] if rec.get("best") else None
-    return epoch_seconds(run) if run and (run / "results.csv").exists() else rec["sec_per_epoch"]
+    run = _run_dir(rec)
+    return epoch_seconds(run) if run else rec["sec_per_epoch"]
+
+
+def epoch_gains(rec: dict, plain: dict) -> list[float]:
+    """The paired gain at every epoch: the run's validation mAP50-95 minus the plain run's, epoch by epoch, from
+    their results.csv (empty where either is missing). Shows when a lead is built and when it is lost."""
+    runs = _run_dir(rec), _run_dir(plain)
+    if None in runs:
+        return []
+    ours, base = (read_column(r, "metrics/mAP50-95(B)") for r in runs)
+    return [a - b for a, b in zip(ours, base)]
 
 
 def summarize(p: Profile, results: dict, overhead: dict[str, float] | None = None) -> list[dict]:
@@ -322,6 +338,7 @@ def summarize(p: Profile, results: dict, overhead: dict[str, float] | None = Non
             "sec_per_epoch": statistics.mean(_sec_per_epoch(recs[s]) for s in p.seeds),
             "kd_scale": math.nan if any(math.isnan(x) for x in scales) else statistics.mean(scales),
             "overhead": (overhead or {}).get(kind, math.nan),
+            "epoch_gain": [epoch_gains(recs[s], plain[s]) for s in p.seeds],
         })
         part = kind.split("+")[-1]  # a composition "dfd+ld": its gain over its last part's own row, paired
         if "+" in kind and part in p.methods:
@@ -411,9 +428,42 @@ def plot(rows: list[dict], seeds: tuple[int, ...], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_epochs(rows: list[dict], path: Path, close_mosaic: int = 0) -> None:
+    """Paired gain over the plain student at every epoch, one panel per row: a thin line per seed, their mean thick,
+    and the epoch where Ultralytics' close_mosaic phase starts dashed (where a mid-run lead can be lost)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r["student"] != "plain" and any(r.get("epoch_gain", []))]
+    if not rows:
+        return
+    cols = min(4, len(rows))
+    fig, axes = plt.subplots(-(-len(rows) // cols), cols, figsize=(3.2 * cols, 2.4 * -(-len(rows) // cols)),
+                             sharex=True, sharey=True, squeeze=False)
+    for ax, r in zip(axes.flat, rows):
+        curves = [c for c in r["epoch_gain"] if c]
+        n = min(map(len, curves))
+        for c in curves:
+            ax.plot(range(1, len(c) + 1), c, color="tab:gray", linewidth=0.7)
+        ax.plot(range(1, n + 1), [statistics.mean(c[e] for c in curves) for e in range(n)], color="tab:blue")
+        ax.axhline(0.0, color="black", linewidth=0.6)
+        if 0 < close_mosaic < n:
+            ax.axvline(n - close_mosaic + 0.5, color="tab:red", linestyle="--", linewidth=0.8)
+        ax.set_title(r["student"], fontsize=9)
+    for ax in axes.flat[len(rows):]:
+        ax.axis("off")
+    fig.supxlabel("epoch (red: close_mosaic starts)")
+    fig.supylabel("val mAP50-95 gain over plain")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def bench(p: Profile, command: str | None = None) -> Path:
-    """Run (or continue) the benchmark and write `benchmarks.md`, `benchmarks.json` and `benchmarks.png` in out/
-    (`command`: the command line, printed above the table)."""
+    """Run (or continue) the benchmark and write `benchmarks.md`, `benchmarks.json`, `benchmarks.png` and
+    `benchmarks-epochs.png` in out/ (`command`: the command line, printed above the table)."""
     results = run_all(p)
     rows = summarize(p, results, overhead_run(p, results))
     out = Path(p.out)
@@ -422,7 +472,9 @@ def bench(p: Profile, command: str | None = None) -> Path:
     (out / "benchmarks.json").write_text(json.dumps({"profile": asdict(p), "command": command, "results": results,
                                                      "rows": rows}, indent=2))
     plot(rows, p.seeds, out / "benchmarks.png")
-    LOGGER.info(f"\n{md}\nWritten to {out.resolve()}/benchmarks.(md|json|png)")
+    close_mosaic = p.train_args.get("close_mosaic", p.student_args.get("close_mosaic", DEFAULT_CFG.close_mosaic))
+    plot_epochs(rows, out / "benchmarks-epochs.png", int(close_mosaic))
+    LOGGER.info(f"\n{md}\nWritten to {out.resolve()}/benchmarks.(md|json|png) and benchmarks-epochs.png")
     return out / "benchmarks.md"
 
 
@@ -431,7 +483,8 @@ yolokd gains [profile=NAME] [field=value ...] [train argument=value ...]     (ea
 
 Does distillation pay? Trains the teacher, then for each seed the plain student and one distilled student per
 method, all with identical arguments, and writes out/benchmarks.md (the command and code version above the table),
-benchmarks.json and benchmarks.png (paired gain over the plain student, per seed). Finished runs are skipped and
+benchmarks.json, benchmarks.png (paired gain over the plain student, per seed) and benchmarks-epochs.png (the
+same gain at every epoch of training, per seed: when a lead is built and when it is lost). Finished runs are skipped and
 interrupted ones resumed: run the same command again to continue.
 
 Profiles (data=synthetic, generated locally; out= per profile):
