@@ -162,3 +162,19 @@ def test_epoch_gains_pair_the_validation_curves_and_are_plotted(tmp_path):
     assert (tmp_path / "epochs.png").stat().st_size > 0
     plot_epochs(rows[:1], tmp_path / "none.png")  # only the plain row: nothing to draw, no empty figure
     assert not (tmp_path / "none.png").exists()
+
+
+def test_a_variant_row_is_paired_with_the_row_as_shipped_where_it_ran(tmp_path):
+    """`variant=ramp` rows: their gain over plain, and over the default row of the same seed once that has run for
+    every seed (read from its result.json in the same out folder)."""
+    p = Profile(methods=("dfd",), seeds=(0, 1), variant="ramp", out=str(tmp_path))
+    results = {"teacher": rec(0.5), "plain_s0": rec(0.2), "plain_s1": rec(0.3), "dfd-ramp_s0": rec(0.25),
+               "dfd-ramp_s1": rec(0.3)}
+    (tmp_path / "dfd_s0").mkdir()
+    (tmp_path / "dfd_s0" / "result.json").write_text(json.dumps(rec(0.22)))
+    assert "over_part" not in summarize(p, results)[1]  # seed 1 of the default row has not run
+    (tmp_path / "dfd_s1").mkdir()
+    (tmp_path / "dfd_s1" / "result.json").write_text(json.dumps(rec(0.32)))
+    rows = summarize(p, results)
+    assert rows[1]["over_part"] == pytest.approx([0.03, -0.02])
+    assert "| +0.0050 ± 0.0354 vs dfd as shipped, 1/2 |" in markdown(p, results, rows)

@@ -343,7 +343,18 @@ def summarize(p: Profile, results: dict, overhead: dict[str, float] | None = Non
         part = kind.split("+")[-1]  # a composition "dfd+ld": its gain over its last part's own row, paired
         if "+" in kind and part in p.methods:
             rows[-1]["over_part"] = [recs[s]["map50_95"] - results[p.run_name(part, s)]["map50_95"] for s in p.seeds]
+            rows[-1]["over_label"] = part
+        default = [_finished(p.out, f"{kind}_s{s}") for s in p.seeds] if p.variant and kind != "plain" else [None]
+        if None not in default:  # a variant row: its gain over the default row of the same seed, where that ran
+            rows[-1]["over_part"] = [recs[s]["map50_95"] - d["map50_95"] for s, d in zip(p.seeds, default)]
+            rows[-1]["over_label"] = f"{kind} as shipped"
     return rows
+
+
+def _finished(out: str, name: str) -> dict | None:
+    """The result record of a finished run in the out folder, or None."""
+    done = Path(out) / name / "result.json"
+    return json.loads(done.read_text()) if done.exists() else None
 
 
 def code_versions(results: dict) -> list[str]:
@@ -382,7 +393,7 @@ def markdown(p: Profile, results: dict, rows: list[dict], command: str | None = 
         scale = "—" if math.isnan(r.get("kd_scale", math.nan)) else f"{r['kd_scale']:.2f}"
         over = "—" if math.isnan(r.get("overhead", math.nan)) else f"{r['overhead']:.2f}"
         over_part = r.get("over_part")
-        part = (f"{_mean_std(over_part, '+')} vs {r['student'].split('+')[-1]}, {sum(g > 0 for g in over_part)}"
+        part = (f"{_mean_std(over_part, '+')} vs {r['over_label']}, {sum(g > 0 for g in over_part)}"
                 f"/{len(p.seeds)}" if over_part else "—")
         body += (f"| {r['student']} | {_mean_std(r['map50_95'])} | {_mean_std(r['map50'])} | {gain} | {wins} | {tt} | "
                  f"{gap} | {part} | {scale} | {r['sec_per_epoch']:.1f} | {over} |\n")
@@ -394,7 +405,8 @@ def markdown(p: Profile, results: dict, rows: list[dict], command: str | None = 
             "cap scale: mean over epochs and seeds of "
             "`kd_scale`, the factor `kd_max_ratio` multiplied the capped terms by (1 = the cap never bound; — = no "
             "capped term). vs its last part: a composition's paired gain over its last part alone (dfd+ld against ld), "
-            "with its wins. s/epoch: wall time per training epoch, with the profile's `jobs` runs sharing the "
+            "with its wins; for a variant's row, its paired gain over the row as shipped (the runs without the "
+            "variant's arguments, where they have run for every seed). s/epoch: wall time per training epoch, with the profile's `jobs` runs sharing the "
             "machine. KD step overhead: one distillation step / (student step + teacher forward), `yolokd "
             "overhead` on the same models (1.00 = the KD terms cost nothing beyond running both models).\n")
     return head + body + foot
