@@ -176,7 +176,9 @@ def label_caches(p: Profile) -> None:
     from ultralytics.data import build_yolo_dataset
     from ultralytics.data.utils import check_det_dataset
 
-    args = p.run_args()
+    from yolokd.config import split_kd_args
+
+    args, _ = split_kd_args(p.run_args())  # Ultralytics' own config refuses yolokd's keys (a variant's kd_ramp=...)
     data = check_det_dataset(args["data"])
     cfg = get_cfg(overrides={k: v for k, v in args.items() if k not in {"project", "exist_ok"}})
     for split in ("train", "val"):  # the dataset's constructor scans the labels and saves the cache
