@@ -408,9 +408,10 @@ def markdown(p: Profile, results: dict, rows: list[dict], command: str | None = 
             "`kd_scale`, the factor `kd_max_ratio` multiplied the capped terms by (1 = the cap never bound; — = no "
             "capped term). vs its last part: a composition's paired gain over its last part alone (dfd+ld against ld), "
             "with its wins; for a variant's row, its paired gain over the row as shipped (the runs without the "
-            "variant's arguments, where they have run for every seed). s/epoch: wall time per training epoch, with the profile's `jobs` runs sharing the "
-            "machine. KD step overhead: one distillation step / (student step + teacher forward), `yolokd "
-            "overhead` on the same models (1.00 = the KD terms cost nothing beyond running both models).\n")
+            "variant's arguments, where they have run for every seed). s/epoch: wall time per training epoch, with "
+            "the profile's `jobs` runs sharing the machine. KD step overhead: one distillation step / (student step "
+            "+ teacher forward), `yolokd overhead` on the same models (1.00 = the KD terms cost nothing beyond "
+            "running both models).\n")
     return head + body + foot
 
 
