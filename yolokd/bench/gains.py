@@ -142,9 +142,9 @@ def train_run(name: str, model: str, args: dict, detector: bool = True) -> dict:
 
     trainer = DistillationTrainer if detector else None
     run = Path(args["project"]) / name
-    done = run / "result.json"
-    if done.exists():
-        return json.loads(done.read_text())
+    finished = _finished(args["project"], name)
+    if finished:
+        return finished
     last = run / "weights" / "last.pt"
     if last.exists():
         LOGGER.info(f"{colorstr('bench:')} resuming {name}")
@@ -165,7 +165,7 @@ def train_run(name: str, model: str, args: dict, detector: bool = True) -> dict:
         "best": str(run / "weights" / "best.pt"),
         "code": code_version(),
     }
-    done.write_text(json.dumps(result, indent=2))
+    (run / "result.json").write_text(json.dumps(result, indent=2))
     return result
 
 
