@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from yolokd.bench.gains import Profile, bench, markdown, summarize
+from yolokd.bench.gains import Profile, bench, markdown, summarize, variant_gain_per_seed
 
 
 def rec(m):
@@ -179,3 +179,21 @@ def test_a_variant_row_is_paired_with_the_row_as_shipped_where_it_ran(tmp_path):
     rows = summarize(p, results)
     assert rows[1]["over_part"] == pytest.approx([0.03, -0.02])
     assert "| +0.0050 ± 0.0354 vs dfd as shipped, 1/2 |" in markdown(p, results, rows)
+
+
+def test_a_variant_is_summed_up_over_its_rows_seed_by_seed(tmp_path):
+    """The default-deciding line: per seed, the mean over the variant's rows of its gain over the row as shipped."""
+    p = Profile(methods=("dfd", "pgd"), seeds=(0, 1), variant="fade", out=str(tmp_path))
+    results = {"teacher": rec(0.5), "plain_s0": rec(0.2), "plain_s1": rec(0.3), "dfd-fade_s0": rec(0.25),
+               "dfd-fade_s1": rec(0.3), "pgd-fade_s0": rec(0.21), "pgd-fade_s1": rec(0.34)}
+    for name, m in {"dfd_s0": 0.22, "dfd_s1": 0.32, "pgd_s0": 0.20, "pgd_s1": 0.30}.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "result.json").write_text(json.dumps(rec(m)))
+    rows = summarize(p, results)
+    # seed 0: dfd +0.03, pgd +0.01 -> +0.02; seed 1: dfd -0.02, pgd +0.04 -> +0.01
+    assert variant_gain_per_seed(rows) == pytest.approx([0.02, 0.01])
+    # t = sqrt(2) * 0.015 / stdev(0.02, 0.01) = sqrt(2) * 0.015 / 0.00707 = 3.0
+    assert ("Over its 2 rows, `fade`'s paired gain over the rows as shipped, averaged over the rows seed by seed: "
+            "+0.0200, +0.0100; mean +0.0150 ± 0.0071, 2/2 seeds above, paired t 3.0.") in markdown(p, results, rows)
+    assert variant_gain_per_seed(summarize(Profile(methods=("dfd",), seeds=(0, 1), out=str(tmp_path)),
+                                           {**results, "dfd_s0": rec(0.22), "dfd_s1": rec(0.32)})) == []

@@ -353,6 +353,13 @@ def summarize(p: Profile, results: dict, overhead: dict[str, float] | None = Non
     return rows
 
 
+def variant_gain_per_seed(rows: list[dict]) -> list[float]:
+    """A variant's paired gain over the rows as shipped, averaged over its rows seed by seed (empty where no row has
+    its shipped runs): the figure that decides whether the variant should become the default for every row."""
+    shipped = [r["over_part"] for r in rows if r.get("over_label", "").endswith(" as shipped")]
+    return [statistics.mean(col) for col in zip(*shipped)] if shipped else []
+
+
 def _finished(out: str, name: str) -> dict | None:
     """The result record of a finished run in the out folder, or None."""
     done = Path(out) / name / "result.json"
@@ -399,6 +406,14 @@ def markdown(p: Profile, results: dict, rows: list[dict], command: str | None = 
                 f"/{len(p.seeds)}" if over_part else "—")
         body += (f"| {r['student']} | {_mean_std(r['map50_95'])} | {_mean_std(r['map50'])} | {gain} | {wins} | {tt} | "
                  f"{gap} | {part} | {scale} | {r['sec_per_epoch']:.1f} | {over} |\n")
+    per_seed = variant_gain_per_seed(rows)
+    if per_seed:
+        k = sum(r.get("over_label", "").endswith(" as shipped") for r in rows)
+        t_all = paired_t(per_seed)
+        body += (f"\nOver its {k} rows, `{p.variant}`'s paired gain over the rows as shipped, averaged over the rows "
+                 f"seed by seed: {', '.join(f'{g:+.4f}' for g in per_seed)}; mean {_mean_std(per_seed, '+')}, "
+                 f"{sum(g > 0 for g in per_seed)}/{len(per_seed)} seeds above, paired t "
+                 f"{'—' if math.isnan(t_all) else f'{t_all:.1f}'}.\n")
     n = len(p.seeds)
     quantile = T_ONE_SIDED_5.get(n - 1)
     needs = ("it needs at least 2 seeds" if n < 2 else f"one-sided p < 0.05 needs t > {quantile:.2f} with {n} seeds"
@@ -510,7 +525,8 @@ Profiles (data=synthetic, generated locally; out= per profile):
 
 Fields: methods=a,b+c seeds=0,1,2 epochs= teacher_epochs= imgsz= batch= fraction= jobs= out= device=
         teacher_model= student_model= student_init_epochs= variant=NAME (a variant of yolokd arguments whose
-        distilled runs are named <method>-NAME_s<seed> and paired with the same plain runs)
+        distilled runs are named <method>-NAME_s<seed> and paired with the same plain runs, and with the rows as
+        shipped where those ran: the table then ends with the variant's gain over them, averaged over its rows)
 Any other key is a train argument of every run (Ultralytics' or yolokd's, e.g. kd_max_ratio=0).
 """
 
