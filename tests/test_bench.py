@@ -197,3 +197,19 @@ def test_a_variant_is_summed_up_over_its_rows_seed_by_seed(tmp_path):
             "+0.0200, +0.0100; mean +0.0150 ± 0.0071, 2/2 seeds above, paired t 3.0.") in markdown(p, results, rows)
     assert variant_gain_per_seed(summarize(Profile(methods=("dfd",), seeds=(0, 1), out=str(tmp_path)),
                                            {**results, "dfd_s0": rec(0.22), "dfd_s1": rec(0.32)})) == []
+
+
+@pytest.mark.parametrize("n_rows", [1, 2, 12])
+def test_gain_figure_title_fits_however_few_rows(n_rows):
+    """With one or two rows the figure once was narrower than its title, which came out cut off."""
+    import matplotlib.pyplot as plt
+
+    from yolokd.bench.gains import gain_figure
+
+    rows = [{"student": "plain", "gain": []}] + [{"student": f"m{i}", "gain": [0.01, -0.02, 0.03, 0.0, 0.02]}
+                                                 for i in range(n_rows)]
+    fig = gain_figure(rows, seeds=(0, 1, 2, 3, 4))
+    renderer = fig.canvas.get_renderer()
+    title, page = fig.axes[0].title.get_window_extent(renderer), fig.bbox
+    assert page.x0 <= title.x0 and title.x1 <= page.x1 and title.y1 <= page.y1
+    plt.close(fig)

@@ -435,16 +435,26 @@ T_ONE_SIDED_5 = {1: 6.31, 2: 2.92, 3: 2.35, 4: 2.13, 5: 2.02, 6: 1.94, 7: 1.89, 
 
 
 def plot(rows: list[dict], seeds: tuple[int, ...], path: Path) -> None:
+    """Write `gain_figure` to `path` (PNG)."""
+    import matplotlib.pyplot as plt
+
+    fig = gain_figure(rows, seeds)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def gain_figure(rows: list[dict], seeds: tuple[int, ...]):
     """Paired gain over the plain student per row: one point per seed, the mean as a bar, zero as a line.
 
-    Absolute mAP bars would hide gains of 0.01-0.05 in the spread between seeds; the paired gain removes it."""
+    Absolute mAP bars would hide gains of 0.01-0.05 in the spread between seeds; the paired gain removes it. The
+    figure is never narrower than its title, however few rows it has."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [r for r in rows if r["student"] != "plain"]
-    fig, ax = plt.subplots(figsize=(0.75 * len(rows) + 2, 4))
+    fig, ax = plt.subplots(figsize=(max(0.75 * len(rows) + 2, 5.0), 4))
     for i, r in enumerate(rows):
         mean = statistics.mean(r["gain"])
         ax.bar(i, mean, color="tab:blue" if mean > 0 else "tab:orange", alpha=0.6)
@@ -452,10 +462,9 @@ def plot(rows: list[dict], seeds: tuple[int, ...], path: Path) -> None:
     ax.axhline(0.0, color="tab:gray", linewidth=1)
     ax.set_xticks(range(len(rows)), [r["student"] for r in rows], rotation=40, ha="right")
     ax.set_ylabel("mAP50-95 gain over plain (paired by seed)")
-    ax.set_title(f"one point per seed ({', '.join(map(str, seeds))}), bar = mean")
+    ax.set_title(f"one point per seed ({', '.join(map(str, seeds))})\nbar = mean", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def plot_epochs(rows: list[dict], path: Path, close_mosaic: int = 0) -> None:
