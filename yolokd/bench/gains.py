@@ -436,9 +436,9 @@ T_ONE_SIDED_5 = {1: 6.31, 2: 2.92, 3: 2.35, 4: 2.13, 5: 2.02, 6: 1.94, 7: 1.89, 
 
 def plot(rows: list[dict], seeds: tuple[int, ...], path: Path) -> None:
     """Write `gain_figure` to `path` (PNG)."""
+    fig = gain_figure(rows, seeds)  # selects the Agg backend before pyplot is imported here
     import matplotlib.pyplot as plt
 
-    fig = gain_figure(rows, seeds)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
