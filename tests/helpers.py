@@ -61,6 +61,7 @@ def student_step(cfg: str, names: list[str], args, teacher_cfg: str | None = Non
     model.args = get_cfg()
     teacher = DetectionModel(teacher_cfg, nc=len(names), verbose=False).eval() if teacher_cfg else None
     crit = build_distillation(args.method.split("+"), model, teacher, args).install(model)
+    torch.manual_seed(1)  # the same image whatever the methods' adapters drew from the generator
     img = torch.rand(2, 3, 64, 64)
     batch = {"img": img, "batch_idx": torch.tensor([0.0, 0.0, 1.0]), "cls": torch.tensor([[0.0], [2.0], [1.0]]),
              "bboxes": torch.tensor([[0.3, 0.3, 0.4, 0.3], [0.7, 0.6, 0.3, 0.5], [0.5, 0.5, 0.6, 0.6]])}

@@ -19,13 +19,19 @@ How a method's raw term becomes loss, in order (`DistillationLoss.__call__` and 
    the task loss, never up (column `kd_scale`);
 5. `kd_ramp`, `kd_fade`: the capped terms are multiplied by the epoch's schedule factor (`schedule_factor`);
 6. the sum of all terms is `kd_loss`; it is multiplied by the batch size, as Ultralytics' loss vector is, and
-   appended to it.
+   appended to it;
+7. `kd_grad_ratio` (off by default) acts in the backward pass rather than on the loss: the methods with capped terms
+   read the student's tapped tensors through a `GradientShareCap`, which scales their gradient at each tensor to at
+   most that multiple of the task loss's gradient at the same tensor (column `kd_gscale`).
 
 With `agreement` on (the trainer's `plots=True`), a diagnostic column `kd_agree` (`kd_agreement`) is logged beside
 them; it is no loss and costs nothing when off.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import functools
 
 import torch
 from torch import nn
@@ -86,6 +92,80 @@ def scale_terms(terms: dict[str, Term], task: torch.Tensor, max_ratio: float,
     return {k: t.value * (scale * weight) if t.capped else t.value for k, t in terms.items()}, scale
 
 
+class _Gate(torch.autograd.Function):
+    """Identity forward; backward parks the incoming (distillation) gradient in `slot` and sends nothing on."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, slot: list) -> torch.Tensor:
+        ctx.slot = slot
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        ctx.slot.append(grad)
+        return None, None
+
+
+class GradientShareCap:
+    """`kd_grad_ratio`: at every student tensor a method reads, the distillation gradient may be at most `ratio`
+    times as large (L2 norm over the tensor) as the task loss's gradient at the same tensor.
+
+    The loss cap (`kd_max_ratio`) bounds a term's value, not its pull: on a student at random init, `rm` capped at a
+    quarter of the task loss still sends the student's weights a gradient 5.7 times the task's and `pgd` 2.0 times,
+    at a cosine near 0 with it (docs/benchmarks.md, gradient share), and under AdamW the larger gradient sets a
+    weight's step. This bounds the pull where it enters the student. `gate(s)` returns a view of the tapped features
+    whose tensors are identities in the forward pass; in the backward pass each identity parks the distillation
+    gradient g_kd that reaches it, and a hook on the student's own tensor, which fires once the task gradient g_task
+    has arrived there too (autograd runs every consumer of a tensor before its hook), passes on
+    g_task + g_kd * min(1, ratio * |g_task| / |g_kd|). Adapters sit between the gate and the loss, so their own
+    gradients are not scaled. Under AMP both gradients carry the same loss scale, so the factor does not depend on it.
+    The factors of a backward pass are kept in `factors` (`take_factors` empties it): the criterion logs their mean,
+    one step late, as `kd_gscale`.
+    """
+
+    def __init__(self, ratio: float):
+        self.ratio = ratio
+        self.factors: list[torch.Tensor] = []
+
+    def gate(self, f: Features) -> Features:
+        """`f` with each tensor that requires grad passed through a gate (one gate per tensor: YOLO26's one-to-one
+        branch shares the neck of the one-to-many one)."""
+        if not torch.is_grad_enabled():
+            return f
+        memo: dict[int, torch.Tensor] = {}
+
+        def one(x: torch.Tensor) -> torch.Tensor:
+            if not x.requires_grad:
+                return x
+            if id(x) not in memo:
+                slot: list[torch.Tensor] = []
+                x.register_hook(functools.partial(self._merge, slot))
+                memo[id(x)] = _Gate.apply(x, slot)
+            return memo[id(x)]
+
+        def gated(g: Features) -> Features:
+            return dataclasses.replace(g, neck=[one(x) for x in g.neck], scores=one(g.scores), boxes=one(g.boxes),
+                                       cls_feat=[one(x) for x in g.cls_feat], box_feat=[one(x) for x in g.box_feat],
+                                       one2one=None if g.one2one is None else gated(g.one2one))
+
+        return gated(f)
+
+    def _merge(self, slot: list[torch.Tensor], g_task: torch.Tensor) -> torch.Tensor | None:
+        """The hook on a tapped tensor: its task gradient plus the parked distillation gradient, scaled."""
+        if not slot:
+            return None
+        g_kd = slot.pop()
+        factor = (self.ratio * g_task.float().norm() / g_kd.float().norm().clamp_min(1e-30)).clamp(max=1.0)
+        self.factors.append(factor.detach())
+        return g_task + g_kd * factor.to(g_kd.dtype)
+
+    def take_factors(self) -> torch.Tensor | None:
+        """The mean factor of the backward passes since the last call (None if none ran), and forget them."""
+        out = torch.stack(self.factors).mean() if self.factors else None
+        self.factors = []
+        return out
+
+
 @torch.no_grad()
 def kd_agreement(t_scores: torch.Tensor, s_scores: torch.Tensor, confident: float = 0.5) -> torch.Tensor:
     """Column `kd_agree`: how far the student is from the teacher where the teacher is sure of an object.
@@ -126,6 +206,7 @@ class DistillationLoss:
         ramp, fade: `kd_ramp`, `kd_fade` (see `schedule_factor`); like the cap, they act on the capped terms only.
         one2one: `kd_one2one`: with an end-to-end student (YOLO26), also distil its one-to-one head (see below).
         agreement: log `kd_agree` (`kd_agreement`, needs a detector teacher); the trainer sets it to `plots`.
+        grad_ratio: `kd_grad_ratio` (see `GradientShareCap`); 0 = off.
 
     End-to-end students. `E2ELoss` trains the one-to-many branch (dense assignment, top-10) and the one-to-one
     branch (the head that is deployed, top-1) with the weights `o2m` + `o2o` = 1, moving from 0.8/0.2 to 0.1/0.9
@@ -138,8 +219,9 @@ class DistillationLoss:
 
     def __init__(self, methods: MethodSet, teacher: nn.Module | None, teacher_taps: Taps | None, trainer=None,
                  max_ratio: float = 0.0, ramp: float = 0.0, fade: float = 0.0, one2one: bool = True,
-                 agreement: bool = False):
+                 agreement: bool = False, grad_ratio: float = 0.0):
         self.methods, self.teacher, self.teacher_taps, self.trainer = methods, teacher, teacher_taps, trainer
+        self.grad_cap = GradientShareCap(grad_ratio) if grad_ratio > 0 and methods.caps_any_term else None
         self.max_ratio, self.ramp, self.fade = max_ratio, ramp, fade
         self.one2one, self.agreement = one2one, agreement
         self.task = self.student_taps = None
@@ -183,12 +265,14 @@ class DistillationLoss:
         finally:
             for hook in self.teacher_assignment.values():
                 hook.clear()
-        s = self.student_taps.collect(preds).float()
+        raw = self.student_taps.collect(preds)
+        s = raw.float()
+        s_capped = self.grad_cap.gate(raw).float() if self.grad_cap else s  # read by the methods with capped terms
         n = batch["img"].shape[0]
         with torch.autocast(batch["img"].device.type, enabled=False):
             if self.methods.fit_adapters(s, t):
                 broadcast_from_rank0(self.methods)
-            terms = self._branch_terms(s, t, batch)
+            terms = self._branch_terms(s, s_capped, t, batch)
             bad = []
             if not torch.isfinite(torch.stack([v.value for v in terms.values()])).all():  # one sync per step
                 bad = [k for k, v in terms.items() if not torch.isfinite(v.value)]
@@ -203,6 +287,9 @@ class DistillationLoss:
             items.update({k: v.detach() for k, v in values.items()})
         if self.max_ratio > 0 and self.methods.caps_any_term:
             items["kd_scale"] = scale
+        if self.grad_cap:
+            factor = self.grad_cap.take_factors()  # of the previous step's backward pass
+            items["kd_gscale"] = kd.new_ones(()) if factor is None else factor
         items["kd_skip"] = kd.new_tensor(float(bool(bad)))
         if self.agreement and t is not None:
             items["kd_agree"] = kd_agreement(t.scores, s.scores)
@@ -235,14 +322,16 @@ class DistillationLoss:
         return StepContext(batch=batch, assign=assign, teacher_assign=teacher_assign, epoch=self._epoch,
                            epochs=self._epochs, branch=branch)
 
-    def _branch_terms(self, s: Features, t: Features | None, batch: dict) -> dict[str, Term]:
+    def _branch_terms(self, s: Features, s_capped: Features, t: Features | None, batch: dict) -> dict[str, Term]:
         """Steps 1-2 of the module docstring: the methods' terms on the one-to-many branch, plus, for an end-to-end
-        student, the head-level terms on the one-to-one branch, weighted like `E2ELoss` weights its task losses."""
-        terms = self.methods(s, t, self._context("one2many", t, batch))
+        student, the head-level terms on the one-to-one branch, weighted like `E2ELoss` weights its task losses.
+        `s_capped`: the student's features as the methods with capped terms read them (step 7)."""
+        terms = self.methods(s, t, self._context("one2many", t, batch), capped_view=s_capped)
         if "one2one" not in self.branches:
             return terms
         t2 = _branch(t, "one2one")
-        o2o = self.methods(s.one2one, t2, self._context("one2one", t2, batch), head_only=True)
+        o2o = self.methods(s.one2one, t2, self._context("one2one", t2, batch), head_only=True,
+                           capped_view=s_capped.one2one)
         w_m, w_o = self.task.o2m, self.task.o2o
         return {k: Term(w_m * v.value + w_o * o2o[k].value, v.capped) if k in o2o else v for k, v in terms.items()}
 
@@ -273,8 +362,8 @@ class DistillationLoss:
 def build_distillation(names: list[str], student: nn.Module, teacher: nn.Module | None, args,
                        trainer=None, device: torch.device | str | None = None) -> DistillationLoss:
     """The distillation of `student` by `teacher` (frozen, or None) with the methods `names` and the train
-    arguments `args` (a namespace with yolokd's keys: `kd_max_ratio`, `kd_ramp`, `kd_fade`, `kd_one2one`, the
-    methods'),
+    arguments `args` (a namespace with yolokd's keys: `kd_max_ratio`, `kd_ramp`, `kd_fade`, `kd_one2one`,
+    `kd_grad_ratio`, the methods'),
     its adapters on `device` (default: the student's).
 
     The methods' adapters are sized from one dry forward of each model. Nothing is hooked on the student until
@@ -294,4 +383,4 @@ def build_distillation(names: list[str], student: nn.Module, teacher: nn.Module 
     arg = lambda key: getattr(args, key, defaults[key])  # noqa: E731
     return DistillationLoss(methods, teacher, teacher_taps, trainer, max_ratio=float(arg("kd_max_ratio") or 0.0),
                             ramp=float(arg("kd_ramp") or 0.0), fade=float(arg("kd_fade") or 0.0),
-                            one2one=bool(arg("kd_one2one")))
+                            one2one=bool(arg("kd_one2one")), grad_ratio=float(arg("kd_grad_ratio") or 0.0))

@@ -250,9 +250,12 @@ class MethodSet(nn.Module):
         """True if some term of these methods is capped (not `task_scaled`): the criterion then logs `kd_scale`."""
         return any(m.task_scaled is not True for m in self.methods.values())
 
-    def forward(self, s: Features, t: Features | None, ctx: StepContext, head_only: bool = False) -> dict[str, Term]:
+    def forward(self, s: Features, t: Features | None, ctx: StepContext, head_only: bool = False,
+                capped_view: Features | None = None) -> dict[str, Term]:
         """All terms as `{column: Term}`: column `<method>_<term>`, or `<method>` for a one-term method; each Term says
-        whether the cap applies, from its method's `task_scaled` (`head_only`: the `head_level` methods' only)."""
+        whether the cap applies, from its method's `task_scaled` (`head_only`: the `head_level` methods' only).
+        `capped_view`: the student's features for the methods with a capped term (the criterion's gradient-share
+        cap, `kd_grad_ratio`); default `s`."""
         out = {}
         for name, m in self.methods.items():
             if head_only and not m.head_level:
@@ -262,6 +265,7 @@ class MethodSet(nn.Module):
                 for sub in m.modules():
                     if isinstance(sub, DistillMethod):
                         sub._sink = sink
-            terms = {k: Term(v, capped=not m.is_task_scaled(k)) for k, v in m(s, t, ctx).items()}
+            view = s if capped_view is None or m.task_scaled is True else capped_view
+            terms = {k: Term(v, capped=not m.is_task_scaled(k)) for k, v in m(view, t, ctx).items()}
             out.update({name: next(iter(terms.values()))} if len(terms) == 1 else {f"{name}_{k}": v for k, v in terms.items()})
         return out
