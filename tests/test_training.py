@@ -177,3 +177,10 @@ def test_kd_fade_and_adapter_init_reach_the_loss(teacher, tiny_data, train_kwarg
     assert read_results(fitted.save_dir)[0]["train/fitnet_ht"] < first["train/fitnet_ht"]  # same data, fitted map
     state = torch.load(fitted.wdir / KD_STATE, weights_only=True)["adapters"]
     assert bool(state["adapters_fitted"])  # fitted on the first batch, saved so that a resume does not refit
+
+
+def test_kd_grad_ratio_logs_its_factor(teacher, tiny_data, train_kwargs):
+    t = train("yolov8n.yaml", "gradcap", train_kwargs, data=tiny_data, teacher=teacher, method="dfd+ld",
+              kd_grad_ratio=0.1)
+    row = read_results(t.save_dir)[0]
+    assert 0 < row["train/kd_gscale"] <= 1 and row["train/dfd_hd"] > 0 and row["train/ld_cls"] > 0
