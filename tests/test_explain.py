@@ -351,3 +351,23 @@ def test_plots_false_runs_none_of_it(tiny_data, train_kwargs, monkeypatch):
     t = train(tiny_data, train_kwargs, plots=False, name="explain_no_plots")
     assert called == []
     assert not list(t.save_dir.glob("kd_*.png")) and "train/kd_agree" not in read_results(t.save_dir)[0]
+
+
+def test_gradient_share_is_the_applied_gradient_under_the_gradient_cap():
+    """kd_grad is measured as applied: with `kd_grad_ratio` -> 0 nothing of dfd's gradient reaches the student."""
+    from ultralytics.cfg import get_cfg
+    from ultralytics.nn.tasks import DetectionModel
+
+    from yolokd.config import kd_defaults
+
+    shares = {}
+    for ratio in (0.0, 1e-9):
+        torch.manual_seed(0)
+        student = DetectionModel("yolov8n.yaml", nc=6, verbose=False)
+        student.args = get_cfg()
+        teacher = DetectionModel("yolov8s.yaml", nc=6, verbose=False).eval()
+        crit = build_distillation(["dfd"], student, teacher, SimpleNamespace(**{**kd_defaults(), "kd_grad_ratio": ratio}))
+        pictures = [ex.Picture(file=Path(f"{i}.png"), image=np.full((64, 64, 3), 90 + 40 * i, np.uint8),
+                               boxes=np.array([[i, 16, 16, 48, 40]], np.float32), gt="labels") for i in range(2)]
+        shares[ratio] = ex.explain(crit, student, teacher, pictures).items["kd_grad"]
+    assert shares[0.0] > 0.1 and shares[1e-9] < 1e-4  # float32 rounding of the difference: ~1e-6

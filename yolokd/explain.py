@@ -221,13 +221,16 @@ class Explained:
 def gradient_share(losses: torch.Tensor, params: list[torch.Tensor]) -> dict[str, float]:
     """How the distillation pulls on the student's weights in one step, from `DistillationLoss`'s loss vector (task
     terms, then the KD sum as applied, cap included): `kd_grad` = |grad KD| / |grad task| and `kd_grad_cos` = the
-    cosine between the two gradients (about 0: KD pulls elsewhere than the task; 1: it pushes the task's way)."""
+    cosine between the two gradients (about 0: KD pulls elsewhere than the task; 1: it pushes the task's way).
+    The KD gradient is the whole loss's minus the task's: what the step applies, after the gradient-share cap
+    (`kd_grad_ratio`, which needs the task gradient in the same backward pass) as well as the loss cap."""
     def flat_grad(part: torch.Tensor) -> torch.Tensor:
         grads = (torch.autograd.grad(part, params, retain_graph=True, allow_unused=True) if part.requires_grad
                  else [None] * len(params))
         return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)])
 
-    task, kd = flat_grad(losses[:-1].sum()), flat_grad(losses[-1])
+    task = flat_grad(losses[:-1].sum())
+    kd = flat_grad(losses.sum()) - task
     if kd.norm() == 0:  # nothing of the KD terms reaches these weights: no direction to compare
         return {"kd_grad": 0.0, "kd_grad_cos": float("nan")}
     return {"kd_grad": float(kd.norm() / task.norm().clamp_min(1e-12)),
