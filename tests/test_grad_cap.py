@@ -34,6 +34,7 @@ def test_kd_gradient_is_scaled_to_the_ratio_of_the_task_gradient():
     grad, cap = toy_grad(0.5)
     assert torch.allclose(grad, torch.tensor([3.0, 1.5]))
     assert cap.take_factors().item() == pytest.approx(0.125) and cap.take_factors() is None  # taken once
+    assert list(cap.pulls) == ["neck[0]"] and cap.pulls["neck[0]"].item() == pytest.approx(4.0)  # before the cap
 
 
 def test_kd_gradient_within_the_ratio_passes_unchanged():

@@ -120,12 +120,14 @@ class GradientShareCap:
     g_task + g_kd * min(1, ratio * |g_task| / |g_kd|). Adapters sit between the gate and the loss, so their own
     gradients are not scaled. Under AMP both gradients carry the same loss scale, so the factor does not depend on it.
     The factors of a backward pass are kept in `factors` (`take_factors` empties it): the criterion logs their mean,
-    one step late, as `kd_gscale`.
+    one step late, as `kd_gscale`. `pulls` holds, per tensor (`neck[0]` = P3, `cls_feat[2]`, `one2one.scores`...),
+    the last |g_kd| / |g_task| before the cap, for `yolokd explain`.
     """
 
     def __init__(self, ratio: float):
         self.ratio = ratio
         self.factors: list[torch.Tensor] = []
+        self.pulls: dict[str, torch.Tensor] = {}
 
     def gate(self, f: Features) -> Features:
         """`f` with each tensor that requires grad passed through a gate (one gate per tensor: YOLO26's one-to-one
@@ -134,28 +136,32 @@ class GradientShareCap:
             return f
         memo: dict[int, torch.Tensor] = {}
 
-        def one(x: torch.Tensor) -> torch.Tensor:
+        def one(x: torch.Tensor, label: str) -> torch.Tensor:
             if not x.requires_grad:
                 return x
             if id(x) not in memo:
                 slot: list[torch.Tensor] = []
-                x.register_hook(functools.partial(self._merge, slot))
+                x.register_hook(functools.partial(self._merge, slot, label))
                 memo[id(x)] = _Gate.apply(x, slot)
             return memo[id(x)]
 
-        def gated(g: Features) -> Features:
-            return dataclasses.replace(g, neck=[one(x) for x in g.neck], scores=one(g.scores), boxes=one(g.boxes),
-                                       cls_feat=[one(x) for x in g.cls_feat], box_feat=[one(x) for x in g.box_feat],
-                                       one2one=None if g.one2one is None else gated(g.one2one))
+        def gated(g: Features, pre: str = "") -> Features:
+            maps = {k: [one(x, f"{pre}{k}[{i}]") for i, x in enumerate(getattr(g, k))]
+                    for k in ("neck", "cls_feat", "box_feat")}
+            return dataclasses.replace(g, **maps, scores=one(g.scores, f"{pre}scores"),
+                                       boxes=one(g.boxes, f"{pre}boxes"),
+                                       one2one=None if g.one2one is None else gated(g.one2one, "one2one."))
 
         return gated(f)
 
-    def _merge(self, slot: list[torch.Tensor], g_task: torch.Tensor) -> torch.Tensor | None:
+    def _merge(self, slot: list[torch.Tensor], label: str, g_task: torch.Tensor) -> torch.Tensor | None:
         """The hook on a tapped tensor: its task gradient plus the parked distillation gradient, scaled."""
         if not slot:
             return None
         g_kd = slot.pop()
-        factor = (self.ratio * g_task.float().norm() / g_kd.float().norm().clamp_min(1e-30)).clamp(max=1.0)
+        pull = g_kd.float().norm() / g_task.float().norm().clamp_min(1e-30)
+        factor = (self.ratio / pull.clamp_min(1e-30)).clamp(max=1.0)
+        self.pulls[label] = pull.detach()
         self.factors.append(factor.detach())
         return g_task + g_kd * factor.to(g_kd.dtype)
 

@@ -261,6 +261,9 @@ def explain(crit, student, teacher, pictures: list[Picture], conf: float = 0.25,
         with torch.autocast(device.type, enabled=False), crit.methods.recording() as records:
             losses, items = student.loss(batch)
             items.update(gradient_share(losses, [q for q in student.parameters() if q.requires_grad]))
+        if crit.grad_cap is not None:  # the loss reports the previous step's factor: give this step's instead
+            items["kd_gscale"] = torch.stack([(crit.grad_cap.ratio / p).clamp(max=1.0)
+                                              for p in crit.grad_cap.pulls.values()]).mean()
     finally:
         crit.remove()
         student.train(was)
@@ -660,6 +663,9 @@ def cmd_explain(argv: list[str]) -> int:
     side = pictures[0].image.shape[0]
     print(f"yolokd explain: method={ex.method}, {len(pictures)} image(s) at {side} px, adapters {adapters}")
     print("  " + "  ".join(f"{k}={v:.4g}" for k, v in ex.items.items()))
+    if crit.grad_cap is not None:  # kd_grad_ratio: how hard the capped terms pulled at each tensor, before the cap
+        print("  |g_kd| / |g_task| at the student's tensors: "
+              + "  ".join(f"{k}={float(v):.3g}" for k, v in crit.grad_cap.pulls.items()))
     for i, p in enumerate(pictures):
         print(f"  {draw(ex, i, out / f'{p.file.stem}_{ex.method}.png', int(opt.dpi))}")
     return 0
