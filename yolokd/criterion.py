@@ -160,10 +160,14 @@ class GradientShareCap:
             return None
         g_kd = slot.pop()
         pull = g_kd.float().norm() / g_task.float().norm().clamp_min(1e-30)
-        factor = (self.ratio / pull.clamp_min(1e-30)).clamp(max=1.0)
+        factor = self.factor(pull)
         self.pulls[label] = pull.detach()
         self.factors.append(factor.detach())
         return g_task + g_kd * factor.to(g_kd.dtype)
+
+    def factor(self, pull: torch.Tensor) -> torch.Tensor:
+        """The cap's factor on a distillation gradient that pulls `pull` = |g_kd| / |g_task| times the task's."""
+        return (self.ratio / pull.clamp_min(1e-30)).clamp(max=1.0)
 
     def take_factors(self) -> torch.Tensor | None:
         """The mean factor of the backward passes since the last call (None if none ran), and forget them."""

@@ -262,8 +262,7 @@ def explain(crit, student, teacher, pictures: list[Picture], conf: float = 0.25,
             losses, items = student.loss(batch)
             items.update(gradient_share(losses, [q for q in student.parameters() if q.requires_grad]))
         if crit.grad_cap is not None:  # the loss reports the previous step's factor: give this step's instead
-            items["kd_gscale"] = torch.stack([(crit.grad_cap.ratio / p).clamp(max=1.0)
-                                              for p in crit.grad_cap.pulls.values()]).mean()
+            items["kd_gscale"] = torch.stack([crit.grad_cap.factor(p) for p in crit.grad_cap.pulls.values()]).mean()
     finally:
         crit.remove()
         student.train(was)
