@@ -279,25 +279,28 @@ def test_gradient_share_hand_values():
     assert share["kd_grad"] == 0.0 and np.isnan(share["kd_grad_cos"])
 
 
-def test_gradient_share_of_explain_scales_with_the_weight():
-    """On the real criterion: doubling `ld`'s weights (uncapped) doubles kd_grad and leaves its cosine and the task's
-    gradient alone, so the last loss entry is the KD sum and the rest the task's."""
+def explained_step(method: str, **args) -> dict[str, float]:
+    """The items of `explain`'s step (losses, gradient share) for a random yolov8n student and yolov8s teacher on two
+    plain grey pictures with one box each, under `method` and the yolokd arguments `args`."""
     from ultralytics.cfg import get_cfg
     from ultralytics.nn.tasks import DetectionModel
 
     from yolokd.config import kd_defaults
 
-    shares = []
-    for k in (1.0, 2.0):
-        torch.manual_seed(0)
-        student = DetectionModel("yolov8n.yaml", nc=6, verbose=False)
-        student.args = get_cfg()
-        teacher = DetectionModel("yolov8s.yaml", nc=6, verbose=False).eval()
-        args = SimpleNamespace(**{**kd_defaults(), "ld_cls_weight": k, "ld_box_weight": 0.25 * k})
-        crit = build_distillation(["ld"], student, teacher, args)
-        pictures = [ex.Picture(file=Path(f"{i}.png"), image=np.full((64, 64, 3), 90 + 40 * i, np.uint8),
-                               boxes=np.array([[i, 16, 16, 48, 40]], np.float32), gt="labels") for i in range(2)]
-        shares.append(ex.explain(crit, student, teacher, pictures).items)
+    torch.manual_seed(0)
+    student = DetectionModel("yolov8n.yaml", nc=6, verbose=False)
+    student.args = get_cfg()
+    teacher = DetectionModel("yolov8s.yaml", nc=6, verbose=False).eval()
+    crit = build_distillation([method], student, teacher, SimpleNamespace(**{**kd_defaults(), **args}))
+    pictures = [ex.Picture(file=Path(f"{i}.png"), image=np.full((64, 64, 3), 90 + 40 * i, np.uint8),
+                           boxes=np.array([[i, 16, 16, 48, 40]], np.float32), gt="labels") for i in range(2)]
+    return ex.explain(crit, student, teacher, pictures).items
+
+
+def test_gradient_share_of_explain_scales_with_the_weight():
+    """On the real criterion: doubling `ld`'s weights (uncapped) doubles kd_grad and leaves its cosine and the task's
+    gradient alone, so the last loss entry is the KD sum and the rest the task's."""
+    shares = [explained_step("ld", ld_cls_weight=k, ld_box_weight=0.25 * k) for k in (1.0, 2.0)]
     assert shares[1]["kd_grad"] == pytest.approx(2 * shares[0]["kd_grad"], rel=1e-4)
     assert shares[1]["kd_grad_cos"] == pytest.approx(shares[0]["kd_grad_cos"], abs=1e-5)
     assert 0 < shares[0]["kd_grad"] and -1 <= shares[0]["kd_grad_cos"] <= 1
@@ -355,19 +358,5 @@ def test_plots_false_runs_none_of_it(tiny_data, train_kwargs, monkeypatch):
 
 def test_gradient_share_is_the_applied_gradient_under_the_gradient_cap():
     """kd_grad is measured as applied: with `kd_grad_ratio` -> 0 nothing of dfd's gradient reaches the student."""
-    from ultralytics.cfg import get_cfg
-    from ultralytics.nn.tasks import DetectionModel
-
-    from yolokd.config import kd_defaults
-
-    shares = {}
-    for ratio in (0.0, 1e-9):
-        torch.manual_seed(0)
-        student = DetectionModel("yolov8n.yaml", nc=6, verbose=False)
-        student.args = get_cfg()
-        teacher = DetectionModel("yolov8s.yaml", nc=6, verbose=False).eval()
-        crit = build_distillation(["dfd"], student, teacher, SimpleNamespace(**{**kd_defaults(), "kd_grad_ratio": ratio}))
-        pictures = [ex.Picture(file=Path(f"{i}.png"), image=np.full((64, 64, 3), 90 + 40 * i, np.uint8),
-                               boxes=np.array([[i, 16, 16, 48, 40]], np.float32), gt="labels") for i in range(2)]
-        shares[ratio] = ex.explain(crit, student, teacher, pictures).items["kd_grad"]
+    shares = {ratio: explained_step("dfd", kd_grad_ratio=ratio)["kd_grad"] for ratio in (0.0, 1e-9)}
     assert shares[0.0] > 0.1 and shares[1e-9] < 1e-4  # float32 rounding of the difference: ~1e-6
