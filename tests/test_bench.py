@@ -75,6 +75,7 @@ def test_epoch_seconds_counts_across_a_resume(tmp_path):
 @pytest.mark.parametrize("argv,message", [
     (["profile=scratchh"], "profile=scratchh is not a benchmark profile. Did you mean 'scratch'?"),
     (["methods=dfd,pgdd"], "Unknown distillation method 'pgdd'"),
+    (["methods=null,pgdd"], "Unknown distillation method 'pgdd'"),  # the null row is a row, not a method
     (["variant=x", "nbs=16"], "variant= shares the plain runs, so it may change yolokd arguments only, not nbs"),
     (["variant=x", "epochs=3"], "variant= shares the plain runs, so it may change yolokd arguments only, not epochs"),
 ])
@@ -95,12 +96,13 @@ def test_gap_closed_undefined_when_teacher_not_better():
 
 @pytest.mark.slow
 def test_tiny_bench_runs_then_skips_finished_runs(tmp_path, tiny_data):
-    p = Profile(data=tiny_data, methods=("fitnet", "dicod"), seeds=(0,), epochs=1, teacher_epochs=1, imgsz=64,
+    p = Profile(data=tiny_data, methods=("fitnet", "dicod", "null"), seeds=(0,), epochs=1, teacher_epochs=1, imgsz=64,
                 batch=8, student_init_epochs=1, cls_teacher_epochs=1, jobs=2, out=str(tmp_path / "bench"))
     md = bench(p)
     assert md.exists() and (md.parent / "benchmarks.png").exists() and (md.parent / "benchmarks-epochs.png").exists()
     data = json.loads((md.parent / "benchmarks.json").read_text())
-    assert {"teacher", "student_init", "plain_s0", "fitnet_s0", "dicod_s0"} <= set(data["results"])
+    assert {"teacher", "student_init", "plain_s0", "fitnet_s0", "dicod_s0", "null_s0"} <= set(data["results"])
+    assert "lrf: 0.0101" in (md.parent / "null_s0" / "args.yaml").read_text()  # the nudge reached the run
     assert (md.parent / "crops" / "crops.yaml").exists() and (md.parent / "cls_teacher" / "result.json").exists()
     overhead = json.loads((md.parent / "overhead.json").read_text())  # measured on the run's own models
     assert set(overhead) == {"fitnet", "dicod"} and all(0 < v < 20 for v in overhead.values())
@@ -197,6 +199,29 @@ def test_a_variant_is_summed_up_over_its_rows_seed_by_seed(tmp_path):
             "+0.0200, +0.0100; mean +0.0150 ± 0.0071, 2/2 seeds above, paired t 3.0.") in markdown(p, results, rows)
     assert variant_gain_per_seed(summarize(Profile(methods=("dfd",), seeds=(0, 1), out=str(tmp_path)),
                                            {**results, "dfd_s0": rec(0.22), "dfd_s1": rec(0.32)})) == []
+
+
+def test_the_null_row_is_plain_nudged_in_lrf_and_shared_by_every_variant(tmp_path):
+    """The null row: the plain run's arguments with lrf 0.0001 higher, named without the variant (it has no KD
+    arguments to vary), never paired with a row "as shipped", and explained under the table."""
+    from ultralytics.utils import DEFAULT_CFG
+
+    p = Profile(methods=("null", "dfd"), seeds=(0, 1), variant="fade", out=str(tmp_path))
+    assert (p.run_name("null", 0), p.run_name("dfd", 0)) == ("null_s0", "dfd-fade_s0")
+    plain, null = p.run_args(True, epochs=p.epochs, seed=1), p.null_args(1)
+    assert null["lrf"] == pytest.approx(DEFAULT_CFG.lrf + 1e-4) and null["seed"] == 1
+    assert {k: v for k, v in null.items() if k != "lrf"} == plain and "lrf" not in plain
+    assert Profile(train_args={"lrf": 0.2}).null_args(0)["lrf"] == pytest.approx(0.2001)  # nudges the user's lrf
+    (tmp_path / "null_s0").mkdir()  # a finished null run must not be taken for the row "as shipped"
+    (tmp_path / "null_s0" / "result.json").write_text(json.dumps(rec(0.21)))
+    results = {"teacher": rec(0.5), "plain_s0": rec(0.2), "plain_s1": rec(0.3), "null_s0": rec(0.21),
+               "null_s1": rec(0.28), "dfd-fade_s0": rec(0.25), "dfd-fade_s1": rec(0.3)}
+    rows = {r["student"]: r for r in summarize(p, results)}
+    assert rows["null"]["gain"] == pytest.approx([0.01, -0.02]) and "over_part" not in rows["null"]
+    md = markdown(p, results, list(rows.values()))
+    assert "| null | 0.2450 ± 0.0495 |" in md and "null: the plain student with the final learning-rate" in md
+    no_null = Profile(methods=("dfd",), seeds=(0, 1), variant="fade", out=str(tmp_path))
+    assert "null:" not in markdown(no_null, results, summarize(no_null, results))
 
 
 @pytest.mark.parametrize("n_rows", [1, 2, 12])
