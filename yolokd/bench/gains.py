@@ -231,8 +231,9 @@ def run_all(p: Profile) -> dict:
         cls_teacher = cls_teacher_job.result() if cls_teacher_job else None
         if cls_teacher:
             results["cls_teacher"] = {"best": cls_teacher}
+        distilled = [m for m in p.methods if m != NULL_ROW]  # the null row's runs were submitted with plain's
         for s in p.seeds:
-            for m in (m for m in p.methods if m != NULL_ROW):
+            for m in distilled:
                 extra = {"cls_teacher": cls_teacher} if "dicod" in m.split("+") else {}
                 args = p.run_args(True, epochs=p.epochs, seed=s, teacher=results["teacher"]["best"], method=m, **extra)
                 jobs[p.run_name(m, s)] = pool.submit(train_run, p.run_name(m, s), student, args)
