@@ -82,10 +82,11 @@ class Profile:
         expectation, yet the run's losses differ from plain's from its 3rd epoch on; a smaller nudge (weight_decay
         x 1.001) is lost in float32 rounding: that run stayed identical to plain."""
         plain = self.run_args(True, epochs=self.epochs, seed=seed)
-        return {**plain, "lrf": float(plain.get("lrf", DEFAULT_CFG.lrf)) + 1e-4}
+        return {**plain, "lrf": float(plain.get("lrf", DEFAULT_CFG.lrf)) + NULL_LRF_STEP}
 
 
 NULL_ROW = "null"  # the plain student nudged where it cannot matter: its paired gain is run-to-run noise alone
+NULL_LRF_STEP = 1e-4  # how much higher the null row's runs set `lrf`
 UNDISTILLED = ("plain", NULL_ROW)  # rows without a teacher: shared by every variant, no KD step to time
 
 
@@ -449,9 +450,9 @@ def markdown(p: Profile, results: dict, rows: list[dict], command: str | None = 
             "+ teacher forward), `yolokd overhead` on the same models (1.00 = the KD terms cost nothing beyond "
             "running both models).\n")
     if any(r["student"] == NULL_ROW for r in rows):
-        foot += ("null: the plain student with the final learning-rate fraction `lrf` 0.0001 higher, which cannot "
-                 "matter in expectation; its paired gain is run-to-run noise alone, what a row's gain must stand out "
-                 "from.\n")
+        foot += (f"null: the plain student with the final learning-rate fraction `lrf` {NULL_LRF_STEP:g} higher, "
+                 "which cannot matter in expectation; its paired gain is run-to-run noise alone, what a row's gain "
+                 "must stand out from.\n")
     return head + body + foot
 
 
