@@ -201,9 +201,10 @@ def test_a_variant_is_summed_up_over_its_rows_seed_by_seed(tmp_path):
                                            {**results, "dfd_s0": rec(0.22), "dfd_s1": rec(0.32)})) == []
 
 
-def test_the_null_row_is_plain_nudged_in_lrf_and_shared_by_every_variant(tmp_path):
+def test_the_null_row_is_plain_nudged_in_lrf_shared_by_every_variant_and_a_second_baseline(tmp_path):
     """The null row: the plain run's arguments with lrf 0.0001 higher, named without the variant (it has no KD
-    arguments to vary), never paired with a row "as shipped", and explained under the table."""
+    arguments to vary), never paired with a row "as shipped", and explained under the table; with it, every
+    distilled row's gain over the mean of its seed's two baseline runs (plain and null), hand-computed."""
     from ultralytics.utils import DEFAULT_CFG
 
     p = Profile(methods=("null", "dfd"), seeds=(0, 1), variant="fade", out=str(tmp_path))
@@ -220,8 +221,13 @@ def test_the_null_row_is_plain_nudged_in_lrf_and_shared_by_every_variant(tmp_pat
     assert rows["null"]["gain"] == pytest.approx([0.01, -0.02]) and "over_part" not in rows["null"]
     md = markdown(p, results, list(rows.values()))
     assert "| null | 0.2450 ± 0.0495 |" in md and "null: the plain student with the final learning-rate" in md
+    # against both baseline runs: (0.2 + 0.21) / 2 = 0.205 and (0.3 + 0.28) / 2 = 0.29, so dfd gains +0.045, +0.010;
+    # mean 0.0275, sd 0.035 / sqrt(2) = 0.0247, t = sqrt(2) * 0.0275 / 0.0247 = 1.6
+    assert rows["dfd"]["gain_baselines"] == pytest.approx([0.045, 0.01]) and "gain_baselines" not in rows["null"]
+    assert "| dfd | +0.0275 ± 0.0247 | 2/2 | 1.6 |" in md and "| null | +0." not in md.split("Against both")[1]
     no_null = Profile(methods=("dfd",), seeds=(0, 1), variant="fade", out=str(tmp_path))
-    assert "null:" not in markdown(no_null, results, summarize(no_null, results))
+    md = markdown(no_null, results, summarize(no_null, results))
+    assert "null:" not in md and "Against both" not in md
 
 
 @pytest.mark.parametrize("n_rows", [1, 2, 12])

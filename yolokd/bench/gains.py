@@ -20,6 +20,8 @@ so a table stitched from runs of different code versions says so.
 The row `null` is the plain student again, nudged where it cannot matter (`null_args`): its paired gain over plain
 is what run-to-run noise alone gives once a run leaves its plain run's trajectory, which every distillation term
 does. A method whose gains spread like the null row's is not told apart from plain by its paired t on a few seeds.
+With the null row, each distilled row is also compared with the mean of the plain and null runs of its seed
+(`baseline_map`): the plain student trained twice, a baseline with half the run-to-run variance of one run.
 """
 
 from __future__ import annotations
@@ -372,7 +374,16 @@ def summarize(p: Profile, results: dict, overhead: dict[str, float] | None = Non
         if None not in default:  # a variant row: its gain over the default row of the same seed, where that ran
             rows[-1]["over_part"] = [recs[s]["map50_95"] - d["map50_95"] for s, d in zip(p.seeds, default)]
             rows[-1]["over_label"] = f"{kind} as shipped"
+        if NULL_ROW in p.methods and kind not in UNDISTILLED:
+            rows[-1]["gain_baselines"] = [recs[s]["map50_95"] - baseline_map(p, results, s) for s in p.seeds]
     return rows
+
+
+def baseline_map(p: Profile, results: dict, seed: int) -> float:
+    """The mean mAP50-95 of the two baseline runs of `seed`, plain and null: the same plain student trained twice
+    (the null run's nudge cannot matter in expectation), so a gain over it carries half of one baseline run's
+    run-to-run variance. Costs a plain run per seed, under half a distilled one."""
+    return statistics.mean(results[p.run_name(kind, seed)]["map50_95"] for kind in UNDISTILLED)
 
 
 def variant_gain_per_seed(rows: list[dict]) -> list[float]:
@@ -436,6 +447,15 @@ def markdown(p: Profile, results: dict, rows: list[dict], command: str | None = 
                  f"seed by seed: {', '.join(f'{g:+.4f}' for g in per_seed)}; mean {_mean_std(per_seed, '+')}, "
                  f"{sum(g > 0 for g in per_seed)}/{len(per_seed)} seeds above, paired t "
                  f"{'—' if math.isnan(t_all) else f'{t_all:.1f}'}.\n")
+    both = [r for r in rows if "gain_baselines" in r]
+    if both:
+        body += ("\nAgainst both baseline runs of each seed (the mean of its plain and null runs: the plain student "
+                 "trained twice, so the baseline's run-to-run noise is halved):\n\n"
+                 "| student | gain vs plain and null (paired) | wins | paired t |\n|---|---|---|---|\n")
+        for r in both:
+            g, tb = r["gain_baselines"], paired_t(r["gain_baselines"])
+            body += (f"| {r['student']} | {_mean_std(g, '+')} | {sum(x > 0 for x in g)}/{len(g)} | "
+                     f"{'—' if math.isnan(tb) else f'{tb:.1f}'} |\n")
     n = len(p.seeds)
     quantile = T_ONE_SIDED_5.get(n - 1)
     needs = ("it needs at least 2 seeds" if n < 2 else f"one-sided p < 0.05 needs t > {quantile:.2f} with {n} seeds"
@@ -564,6 +584,7 @@ Fields: methods=a,b+c,null seeds=0,1,2 epochs= teacher_epochs= imgsz= batch= fra
         shipped where those ran: the table then ends with the variant's gain over them, averaged over its rows)
 The row null is the plain student with lrf 0.0001 higher, a nudge that cannot matter in expectation: its paired
 gain is run-to-run noise alone, the spread a method's gain must stand out from (in the scratch profile's rows).
+With it, a second table gives each row's paired gain over the mean of its seed's plain and null runs.
 Any other key is a train argument of every run (Ultralytics' or yolokd's, e.g. kd_max_ratio=0).
 """
 
