@@ -450,7 +450,7 @@ def markdown(p: Profile, results: dict, rows: list[dict], command: str | None = 
     both = [r for r in rows if "gain_baselines" in r]
     if both:
         body += ("\nAgainst both baseline runs of each seed (the mean of its plain and null runs: the plain student "
-                 "trained twice, so the baseline's run-to-run noise is halved):\n\n"
+                 "trained twice, so the baseline carries half the run-to-run variance of one run):\n\n"
                  "| student | gain vs plain and null (paired) | wins | paired t |\n|---|---|---|---|\n")
         for r in both:
             g, tb = r["gain_baselines"], paired_t(r["gain_baselines"])
