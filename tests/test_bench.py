@@ -181,6 +181,7 @@ def test_a_variant_row_is_paired_with_the_row_as_shipped_where_it_ran(tmp_path):
     rows = summarize(p, results)
     assert rows[1]["over_part"] == pytest.approx([0.03, -0.02])
     assert "| +0.0050 ± 0.0354 vs dfd as shipped, 1/2 |" in markdown(p, results, rows)
+    assert "| dfd-ramp | 0.2750 ± 0.0354 |" in markdown(p, results, rows)  # the row names its variant
 
 
 def test_a_variant_is_summed_up_over_its_rows_seed_by_seed(tmp_path):
@@ -224,7 +225,7 @@ def test_the_null_row_is_plain_nudged_in_lrf_shared_by_every_variant_and_a_secon
     # against both baseline runs: (0.2 + 0.21) / 2 = 0.205 and (0.3 + 0.28) / 2 = 0.29, so dfd gains +0.045, +0.010;
     # mean 0.0275, sd 0.035 / sqrt(2) = 0.0247, t = sqrt(2) * 0.0275 / 0.0247 = 1.6
     assert rows["dfd"]["gain_baselines"] == pytest.approx([0.045, 0.01]) and "gain_baselines" not in rows["null"]
-    assert "| dfd | +0.0275 ± 0.0247 | 2/2 | 1.6 |" in md and "| null | +0." not in md.split("Against both")[1]
+    assert "| dfd-fade | +0.0275 ± 0.0247 | 2/2 | 1.6 |" in md and "| null | +0." not in md.split("Against both")[1]
     no_null = Profile(methods=("dfd",), seeds=(0, 1), variant="fade", out=str(tmp_path))
     md = markdown(no_null, results, summarize(no_null, results))
     assert "null:" not in md and "Against both" not in md
@@ -237,8 +238,8 @@ def test_gain_figure_title_fits_however_few_rows(n_rows):
 
     from yolokd.bench.gains import gain_figure
 
-    rows = [{"student": "plain", "gain": []}] + [{"student": f"m{i}", "gain": [0.01, -0.02, 0.03, 0.0, 0.02]}
-                                                 for i in range(n_rows)]
+    rows = [{"student": "plain", "label": "plain", "gain": []}] + [
+        {"student": f"m{i}", "label": f"m{i}", "gain": [0.01, -0.02, 0.03, 0.0, 0.02]} for i in range(n_rows)]
     fig = gain_figure(rows, seeds=(0, 1, 2, 3, 4))
     renderer = fig.canvas.get_renderer()
     title, page = fig.axes[0].title.get_window_extent(renderer), fig.bbox

@@ -73,10 +73,14 @@ class Profile:
             args["fraction"] = self.fraction
         return {**args, **(self.student_args if compared else {}), **self.train_args, **extra}
 
+    def row_label(self, method: str) -> str:
+        """`dfd`, or with a variant `dfd-nocap` (plain and null runs are shared by every variant): a row's name in the
+        table and the figures, and its runs' names before the seed."""
+        return f"{method}-{self.variant}" if self.variant and method not in UNDISTILLED else method
+
     def run_name(self, method: str, seed: int) -> str:
-        """`plain_s0`, `dfd_s0`, or with a variant `dfd-nocap_s0` (plain and null runs are shared by every variant)."""
-        tag = f"-{self.variant}" if self.variant and method not in UNDISTILLED else ""
-        return f"{method}{tag}_s{seed}"
+        """`plain_s0`, `dfd_s0`, or with a variant `dfd-nocap_s0`."""
+        return f"{self.row_label(method)}_s{seed}"
 
     def null_args(self, seed: int) -> dict:
         """Train arguments of the null row's run: the plain run's, with the final learning-rate fraction `lrf` 0.0001
@@ -354,6 +358,7 @@ def summarize(p: Profile, results: dict, overhead: dict[str, float] | None = Non
         scales = [recs[s].get("kd_scale", math.nan) for s in p.seeds]
         rows.append({
             "student": kind,
+            "label": p.row_label(kind),
             "map50_95": [recs[s]["map50_95"] for s in p.seeds],
             "map50": [recs[s]["map50"] for s in p.seeds],
             "gain": gains,
@@ -437,7 +442,7 @@ def markdown(p: Profile, results: dict, rows: list[dict], command: str | None = 
         over_part = r.get("over_part")
         part = (f"{_mean_std(over_part, '+')} vs {r['over_label']}, {sum(g > 0 for g in over_part)}"
                 f"/{len(p.seeds)}" if over_part else "—")
-        body += (f"| {r['student']} | {_mean_std(r['map50_95'])} | {_mean_std(r['map50'])} | {gain} | {wins} | {tt} | "
+        body += (f"| {r['label']} | {_mean_std(r['map50_95'])} | {_mean_std(r['map50'])} | {gain} | {wins} | {tt} | "
                  f"{gap} | {part} | {scale} | {r['sec_per_epoch']:.1f} | {over} |\n")
     per_seed = variant_gain_per_seed(rows)
     if per_seed:
@@ -454,7 +459,7 @@ def markdown(p: Profile, results: dict, rows: list[dict], command: str | None = 
                  "| student | gain vs plain and null (paired) | wins | paired t |\n|---|---|---|---|\n")
         for r in both:
             g, tb = r["gain_baselines"], paired_t(r["gain_baselines"])
-            body += (f"| {r['student']} | {_mean_std(g, '+')} | {sum(x > 0 for x in g)}/{len(g)} | "
+            body += (f"| {r['label']} | {_mean_std(g, '+')} | {sum(x > 0 for x in g)}/{len(g)} | "
                      f"{'—' if math.isnan(tb) else f'{tb:.1f}'} |\n")
     n = len(p.seeds)
     quantile = T_ONE_SIDED_5.get(n - 1)
@@ -506,7 +511,7 @@ def gain_figure(rows: list[dict], seeds: tuple[int, ...]):
         ax.bar(i, mean, color="tab:blue" if mean > 0 else "tab:orange", alpha=0.6)
         ax.scatter([i] * len(r["gain"]), r["gain"], color="black", s=12, zorder=3)
     ax.axhline(0.0, color="tab:gray", linewidth=1)
-    ax.set_xticks(range(len(rows)), [r["student"] for r in rows], rotation=40, ha="right")
+    ax.set_xticks(range(len(rows)), [r["label"] for r in rows], rotation=40, ha="right")
     ax.set_ylabel("mAP50-95 gain over plain (paired by seed)")
     ax.set_title(f"one point per seed ({', '.join(map(str, seeds))})\nbar = mean", fontsize=10)
     fig.tight_layout()
@@ -536,7 +541,7 @@ def plot_epochs(rows: list[dict], path: Path, close_mosaic: int = 0) -> None:
         ax.axhline(0.0, color="black", linewidth=0.6)
         if 0 < close_mosaic < n:
             ax.axvline(n - close_mosaic + 0.5, color="tab:red", linestyle="--", linewidth=0.8)
-        ax.set_title(r["student"], fontsize=9)
+        ax.set_title(r["label"], fontsize=9)
     for ax in axes.flat[len(rows):]:
         ax.axis("off")
     fig.supxlabel("epoch (red: close_mosaic starts)")
