@@ -349,6 +349,8 @@ def summarize(p: Profile, results: dict, overhead: dict[str, float] | None = Non
     scale factor (`kd_scale`, where a term was capped) and the KD step overhead (`overhead_run`) where measured."""
     t = results["teacher"]
     plain = {s: results[p.run_name("plain", s)] for s in p.seeds}
+    baselines = {s: baseline_map(p, results, s) for s in p.seeds} if NULL_ROW in p.methods else None
+    as_shipped = replace(p, variant="")  # a variant row's runs without the variant: the same seeds' default runs
     rows = []
     for kind in ("plain", *p.methods):
         recs = {s: results[p.run_name(kind, s)] for s in p.seeds}
@@ -374,13 +376,13 @@ def summarize(p: Profile, results: dict, overhead: dict[str, float] | None = Non
         if "+" in kind and part in p.methods:
             rows[-1]["over_part"] = [recs[s]["map50_95"] - results[p.run_name(part, s)]["map50_95"] for s in p.seeds]
             rows[-1]["over_label"] = part
-        shipped = p.variant and kind not in UNDISTILLED
-        default = [_finished(p.out, f"{kind}_s{s}") for s in p.seeds] if shipped else [None]
+        variant_row = p.variant and kind not in UNDISTILLED
+        default = [_finished(p.out, as_shipped.run_name(kind, s)) for s in p.seeds] if variant_row else [None]
         if None not in default:  # a variant row: its gain over the default row of the same seed, where that ran
             rows[-1]["over_part"] = [recs[s]["map50_95"] - d["map50_95"] for s, d in zip(p.seeds, default)]
             rows[-1]["over_label"] = f"{kind} as shipped"
-        if NULL_ROW in p.methods and kind not in UNDISTILLED:
-            rows[-1]["gain_baselines"] = [recs[s]["map50_95"] - baseline_map(p, results, s) for s in p.seeds]
+        if baselines and kind not in UNDISTILLED:
+            rows[-1]["gain_baselines"] = [recs[s]["map50_95"] - baselines[s] for s in p.seeds]
     return rows
 
 
