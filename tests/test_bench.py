@@ -2,6 +2,7 @@
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -245,3 +246,55 @@ def test_gain_figure_title_fits_however_few_rows(n_rows):
     title, page = fig.axes[0].title.get_window_extent(renderer), fig.bbox
     assert page.x0 <= title.x0 and title.x1 <= page.x1 and title.y1 <= page.y1
     plt.close(fig)
+
+
+def test_a_fade_variant_forks_where_it_starts_to_differ():
+    from yolokd.bench.gains import fork_epoch
+
+    fade = Profile(epochs=30, variant="f", train_args={"kd_fade": 0.33})
+    assert fork_epoch(fade) == 20  # factor (29 - 19) / 9.9 >= 1 at epoch index 19, 9 / 9.9 < 1 at 20
+    assert fork_epoch(replace(fade, epochs=8, train_args={"kd_fade": 0.5})) == 4  # 4 at 1, then 0.75, ... (docstring)
+    assert fork_epoch(replace(fade, variant="")) == 0  # not a variant: nothing to pair
+    assert fork_epoch(replace(fade, train_args={"kd_fade": 0})) == 0
+    assert fork_epoch(replace(fade, train_args={"kd_fade": 0.33, "kd_ramp": 0.2})) == 0  # differs from epoch 1
+
+
+@pytest.mark.slow
+def test_two_runs_resumed_from_one_fork_are_one_computation(tmp_path, tiny_data):
+    """A run paused at epoch 1 and a copy of it forked there, with no argument changed, resume to the same epoch 2:
+    what makes a fork's pair differ is the variant's arguments alone."""
+    from yolokd.bench.gains import epochs_done, fork_run, train_run
+
+    args = dict(data=tiny_data, epochs=2, imgsz=64, batch=8, workers=0, device="cpu", plots=False, exist_ok=True,
+                project=str(tmp_path), verbose=False, seed=0, deterministic=True)
+    assert train_run("a", "yolov8n.yaml", args, pause_at=1) is None and epochs_done(tmp_path / "a") == 1
+    assert train_run("a", "yolov8n.yaml", args, pause_at=1) is None  # holds epoch 1 already: not touched
+    fork_run(tmp_path / "a", tmp_path / "b", {})
+    b, a = train_run("b", "yolov8n.yaml", args), train_run("a", "yolov8n.yaml", args)
+    assert b["map50_95"] == a["map50_95"]
+    rows = {r: (tmp_path / r / "results.csv").read_text().splitlines() for r in "ab"}
+    assert len(rows["a"]) == 3 and rows["a"][:2] == rows["b"][:2]  # epoch 1: copied
+    drop_time = [",".join(c for i, c in enumerate(line.split(",")) if i != 1) for line in (rows["a"][2], rows["b"][2])]
+    assert drop_time[0] == drop_time[1]  # epoch 2: trained apart, the same to the last digit (but the clock)
+    assert "save_dir" in (tmp_path / "b" / "args.yaml").read_text() and str(tmp_path / "b") in (
+        tmp_path / "b" / "args.yaml").read_text()
+
+
+@pytest.mark.slow
+def test_a_fade_variant_is_trained_from_its_shipped_runs_fork(tmp_path, tiny_data):
+    import yaml
+
+    p = Profile(data=tiny_data, methods=("pfi",), seeds=(0,), epochs=3, teacher_epochs=1, imgsz=64, batch=8,
+                out=str(tmp_path / "bench"), variant="fade", train_args={"kd_fade": 0.33})  # fades from epoch 3
+    md = bench(p)
+    shipped, faded = (md.parent / n for n in ("pfi_s0", "pfi-fade_s0"))
+    rows = [(r / "results.csv").read_text().splitlines() for r in (shipped, faded)]
+    assert len(rows[0]) == len(rows[1]) == 4 and rows[0][:3] == rows[1][:3]  # epochs 1-2 trained once
+    head = rows[0][0].split(",")
+    kd_loss = [float(r[3].split(",")[head.index("train/kd_loss")]) for r in rows]
+    assert kd_loss[0] > 0 and kd_loss[1] == 0  # epoch 3: faded to 0 in the variant only
+    time = [[float(line.split(",")[1]) for line in r[1:]] for r in rows]
+    assert all(t[2] < t[1] for t in time)  # both resumed at epoch 3 (Ultralytics restarts the clock)
+    args = [yaml.safe_load((r / "args.yaml").read_text()) for r in (shipped, faded)]  # as resumed
+    assert (args[0].get("kd_fade", 0), args[1]["kd_fade"], args[1]["name"]) == (0, 0.33, "pfi-fade_s0")
+    assert "vs pfi as shipped, 0/1" in md.read_text() or "vs pfi as shipped, 1/1" in md.read_text()

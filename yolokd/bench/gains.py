@@ -29,6 +29,8 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -157,8 +159,11 @@ def mean_column(run: Path, column: str) -> float:
     return statistics.mean(values) if values else math.nan
 
 
-def train_run(name: str, model: str, args: dict, detector: bool = True) -> dict:
-    """Train (or resume, or skip) one run and return its result record (`detector=False`: a classifier)."""
+def train_run(name: str, model: str, args: dict, detector: bool = True, pause_at: int = 0) -> dict | None:
+    """Train (or resume, or skip) one run and return its result record (`detector=False`: a classifier).
+
+    `pause_at=E`: stop once `weights/last.pt` holds epoch E (the run is left to be resumed, as if killed there) and
+    return None; a run that already holds E is not touched (`train_forked`)."""
     from ultralytics import YOLO
 
     from yolokd.trainer import DistillationTrainer
@@ -169,14 +174,17 @@ def train_run(name: str, model: str, args: dict, detector: bool = True) -> dict:
     if finished:
         return finished
     last = run / "weights" / "last.pt"
-    if last.exists():
-        LOGGER.info(f"{colorstr('bench:')} resuming {name}")
-        yolo = YOLO(str(last))
-        yolo.train(trainer=trainer, resume=True)
-    else:
-        LOGGER.info(f"{colorstr('bench:')} training {name}")
-        yolo = YOLO(model)
-        yolo.train(trainer=trainer, name=name, **args)
+    if pause_at and epochs_done(run) >= pause_at:
+        return None
+    yolo = YOLO(str(last) if last.exists() else model)
+    if pause_at:
+        yolo.add_callback("on_model_save", functools.partial(_pause_at, pause_at))
+    LOGGER.info(f"{colorstr('bench:')} {'resuming' if last.exists() else 'training'} {name}"
+                + (f" to epoch {pause_at}" if pause_at else ""))
+    try:
+        yolo.train(trainer=trainer, **({"resume": True} if last.exists() else {"name": name, **args}))
+    except PausedAtFork:
+        return None
     metrics = yolo.trainer.metrics or {}
     result = {
         "run": name,
@@ -189,6 +197,81 @@ def train_run(name: str, model: str, args: dict, detector: bool = True) -> dict:
         "code": code_version(),
     }
     (run / "result.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+class PausedAtFork(Exception):
+    """Raised by `_pause_at` to stop a run whose `weights/last.pt` holds the fork epoch (`train_run(pause_at=)`)."""
+
+
+def _pause_at(epoch: int, trainer) -> None:
+    """`on_model_save` callback (called once last.pt is written): stop the run once it holds `epoch` epochs."""
+    if trainer.epoch + 1 >= epoch:
+        raise PausedAtFork
+
+
+def epochs_done(run: Path) -> int:
+    """Epochs the run's `weights/last.pt` holds (0 without one; Ultralytics marks a finished run's with -1, so 0)."""
+    import torch
+
+    last = run / "weights" / "last.pt"
+    return int(torch.load(last, map_location="cpu", weights_only=False)["epoch"]) + 1 if last.exists() else 0
+
+
+def fork_epoch(p: Profile) -> int:
+    """The first epoch in which a variant's runs differ from the rows as shipped, where they are the same computation
+    before it; 0 where they differ from the start.
+
+    That is the case for a variant whose only yolokd argument is `kd_fade`: its schedule factor is 1 until the fade
+    begins (`schedule_factor`), e.g. 20 with `kd_fade=0.33` over 30 epochs."""
+    from yolokd.config import split_kd_args
+    from yolokd.criterion import schedule_factor
+
+    kd = split_kd_args(p.train_args)[1] if p.variant else {}
+    if set(kd) != {"kd_fade"} or not float(kd["kd_fade"]) > 0:
+        return 0
+    return next(e for e in range(p.epochs) if schedule_factor(e, p.epochs, 0.0, float(kd["kd_fade"])) < 1)
+
+
+def fork_run(src: Path, dst: Path, kd_args: dict) -> None:
+    """Start run `dst` as a copy of run `src` at its last checkpoint, with the yolokd arguments `kd_args`: src's
+    results.csv and weights (best.pt, last.pt and the adapters' kd_state.pt) are copied, and the checkpoints'
+    recorded arguments get dst's name and folder and `kd_args`, which a resume of dst then trains with. last.pt is
+    written last, so a fork cut off midway is done again."""
+    import torch
+
+    from yolokd.trainer import KD_STATE
+
+    (dst / "weights").mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src / "results.csv", dst / "results.csv")
+    if (src / "weights" / KD_STATE).exists():
+        shutil.copy2(src / "weights" / KD_STATE, dst / "weights" / KD_STATE)
+    for name in ("best.pt", "last.pt"):
+        ckpt = torch.load(src / "weights" / name, map_location="cpu", weights_only=False)
+        ckpt["train_args"] = {**ckpt["train_args"], **kd_args, "name": dst.name, "save_dir": str(dst)}
+        tmp = dst / "weights" / f".{name}.tmp"
+        torch.save(ckpt, tmp)
+        os.replace(tmp, dst / "weights" / name)
+
+
+def train_forked(shipped: str, variant: str, model: str, shipped_args: dict, variant_args: dict, fork: int) -> dict:
+    """A variant's run and its row's shipped run of the same seed, where the two are one computation for the first
+    `fork` epochs (`fork_epoch`): trained once up to there, then apart. Returns the variant's record.
+
+    The shipped run is trained to epoch `fork` and paused, the variant forked from its checkpoint (`fork_run`) and
+    both resumed. A resumed run is not bit-identical to an uninterrupted one (Ultralytics resumes from the EMA
+    weights, with its random streams restarted), so both are resumed from the same checkpoint: they then differ by
+    the variant's arguments alone, for 1 + (epochs - fork) / epochs runs' time instead of 2. Where the shipped run
+    is past `fork` already (or finished), the variant is trained whole, as any variant."""
+    from yolokd.config import split_kd_args
+
+    project = Path(shipped_args["project"])
+    started = _finished(project, variant) or (project / variant / "weights" / "last.pt").exists()
+    if not started and not _finished(project, shipped) and epochs_done(project / shipped) <= fork:
+        train_run(shipped, model, shipped_args, pause_at=fork)
+        fork_run(project / shipped, project / variant, split_kd_args(variant_args)[1])
+    result = train_run(variant, model, variant_args)
+    train_run(shipped, model, shipped_args)
     return result
 
 
@@ -213,9 +296,12 @@ def run_all(p: Profile) -> dict:
 
     `p.jobs` runs at a time, each in its own process. Runs start as soon as what they need exists: the teacher,
     the classifier teacher (DICOD) and the plain students (after the warm start, if any) from the beginning, the
-    distilled students once the teachers are trained."""
+    distilled students once the teachers are trained. A variant that changes the runs only from some epoch on
+    (`fork_epoch`) trains each of its runs with its row's shipped run of the same seed (`train_forked`)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
+
+    from yolokd.config import split_kd_args
 
     label_caches(p)
     results = {}
@@ -239,11 +325,16 @@ def run_all(p: Profile) -> dict:
         if cls_teacher:
             results["cls_teacher"] = {"best": cls_teacher}
         distilled = [m for m in p.methods if m != NULL_ROW]  # the null row's runs were submitted with plain's
+        fork = fork_epoch(p)
+        shipped = replace(p, variant="", train_args=split_kd_args(p.train_args)[0])  # the rows without the variant
         for s in p.seeds:
             for m in distilled:
                 extra = {"cls_teacher": cls_teacher} if "dicod" in m.split("+") else {}
-                args = p.run_args(True, epochs=p.epochs, seed=s, teacher=results["teacher"]["best"], method=m, **extra)
-                jobs[p.run_name(m, s)] = pool.submit(train_run, p.run_name(m, s), student, args)
+                args = [q.run_args(True, epochs=p.epochs, seed=s, teacher=results["teacher"]["best"], method=m, **extra)
+                        for q in (p, shipped)]
+                name = p.run_name(m, s)
+                jobs[name] = (pool.submit(train_forked, shipped.run_name(m, s), name, student, args[1], args[0], fork)
+                              if fork else pool.submit(train_run, name, student, args[0]))
         results.update({name: job.result() for name, job in jobs.items()})
     return results
 
