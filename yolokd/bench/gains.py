@@ -22,6 +22,10 @@ is what run-to-run noise alone gives once a run leaves its plain run's trajector
 does. A method whose gains spread like the null row's is not told apart from plain by its paired t on a few seeds.
 With the null row, each distilled row is also compared with the mean of the plain and null runs of its seed
 (`baseline_map`): the plain student trained twice, a baseline with half the run-to-run variance of one run.
+
+A variant whose only yolokd argument is `kd_fade` is the same computation as the rows as shipped until the fade
+begins, so its command trains each pair once up to there: the shipped run is paused at that epoch, the variant's
+run forked from its checkpoint, and both resumed (`train_forked`).
 """
 
 from __future__ import annotations
@@ -679,7 +683,8 @@ Profiles (data=synthetic, generated locally; out= per profile):
 Fields: methods=a,b+c,null seeds=0,1,2 epochs= teacher_epochs= imgsz= batch= fraction= jobs= out= device=
         teacher_model= student_model= student_init_epochs= variant=NAME (a variant of yolokd arguments whose
         distilled runs are named <method>-NAME_s<seed> and paired with the same plain runs, and with the rows as
-        shipped where those ran: the table then ends with the variant's gain over them, averaged over its rows)
+        shipped where those ran: the table then ends with the variant's gain over them, averaged over its rows;
+        a variant of kd_fade alone trains the rows as shipped too, once up to where the fade begins, then apart)
 The row null is the plain student with lrf 0.0001 higher, a nudge that cannot matter in expectation: its paired
 gain is run-to-run noise alone, the spread a method's gain must stand out from (in the scratch profile's rows).
 With it, a second table gives each row's paired gain over the mean of its seed's plain and null runs.
