@@ -335,11 +335,11 @@ def run_all(p: Profile) -> dict:
         for s in p.seeds:
             for m in distilled:
                 extra = {"cls_teacher": cls_teacher} if "dicod" in m.split("+") else {}
-                args = [q.run_args(True, epochs=p.epochs, seed=s, teacher=results["teacher"]["best"], method=m, **extra)
-                        for q in (p, shipped)]
+                args, shipped_args = (q.run_args(True, epochs=p.epochs, seed=s, teacher=results["teacher"]["best"],
+                                                 method=m, **extra) for q in (p, shipped))
                 name = p.run_name(m, s)
-                jobs[name] = (pool.submit(train_forked, shipped.run_name(m, s), name, student, args[1], args[0], fork)
-                              if fork else pool.submit(train_run, name, student, args[0]))
+                jobs[name] = (pool.submit(train_forked, shipped.run_name(m, s), name, student, shipped_args, args, fork)
+                              if fork else pool.submit(train_run, name, student, args))
         results.update({name: job.result() for name, job in jobs.items()})
     return results
 
