@@ -271,9 +271,9 @@ def train_forked(shipped: str, variant: str, model: str, shipped_args: dict, var
 
     project = Path(shipped_args["project"])
     started = _finished(project, variant) or (project / variant / "weights" / "last.pt").exists()
-    if not started and not _finished(project, shipped) and epochs_done(project / shipped) <= fork:
-        train_run(shipped, model, shipped_args, pause_at=fork)
-        if epochs_done(project / shipped) == fork:  # not when the run saves no last.pt to pause at (save=False)
+    if not started:
+        train_run(shipped, model, shipped_args, pause_at=fork)  # skips a finished run, leaves one past `fork`
+        if epochs_done(project / shipped) == fork:  # not past it, nor finished, nor saving no last.pt (save=False)
             fork_run(project / shipped, project / variant, split_kd_args(variant_args)[1])
     result = train_run(variant, model, variant_args)
     train_run(shipped, model, shipped_args)
