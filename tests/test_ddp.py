@@ -7,6 +7,7 @@ DDP), driving the trainer's own hooks: `sync_adapters` (what `_setup_train` call
 
 from __future__ import annotations
 
+import gc
 from types import SimpleNamespace
 
 import torch
@@ -70,6 +71,11 @@ def rank_main(rank: int, init_file: str, out_dir: str) -> None:
     report["same_after_steps"] = same_on_every_rank(flat(trainer.kd_methods))
     report["student_same"] = same_on_every_rank(flat(student))
     torch.save(report, f"{out_dir}/rank{rank}.pt")
+    # DDP's reducer holds the process group: release it while the interpreter is whole, not at its exit, where a
+    # gloo rank once aborted ("terminate called without an active exception") in CI.
+    dist.barrier()
+    del trainer, adapters
+    gc.collect()
     dist.destroy_process_group()
 
 
