@@ -89,6 +89,40 @@ def test_bad_bench_arguments_stop_before_any_run(argv, message, tmp_path, capsys
     assert not (tmp_path / "b").exists()
 
 
+def test_report_writes_the_table_of_finished_runs_and_trains_nothing(tmp_path, capsys):
+    """`report=true`: while a run of the command has not finished, a one-line error names it with the epochs its
+    last.pt holds, and no run is started; once all have finished, the table is the one the command without
+    `report=true` writes (that command above it), with the classifier teacher's record reduced to its checkpoint."""
+    import torch
+
+    from yolokd.cli import main
+
+    out = tmp_path / "b"
+    records = {"teacher": rec(0.5), "cls_teacher": {"top1": 0.9, "best": "c.pt"}, "plain_s0": rec(0.2),
+               "plain_s1": rec(0.3), "dicod_s0": rec(0.25)}
+    for name, r in records.items():
+        (out / name).mkdir(parents=True)
+        (out / name / "result.json").write_text(json.dumps(r))
+    (out / "dicod_s1" / "weights").mkdir(parents=True)
+    torch.save({"epoch": 4}, out / "dicod_s1" / "weights" / "last.pt")  # interrupted after its 5th epoch
+    (out / "overhead.json").write_text(json.dumps({"dicod": 1.4}))  # measured already: no timing run
+    argv = ["gains", "profile=scratch", f"out={out}", "methods=dicod", "seeds=0,1", "report=true"]
+    before = sorted(p.name for p in out.iterdir())
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"not finished in {out}: dicod_s1 (5 epochs)." in err
+    assert "without report=true" in err and sorted(p.name for p in out.iterdir()) == before
+    (out / "dicod_s1" / "result.json").write_text(json.dumps(rec(0.32)))
+    assert main(argv) == 0
+    md = (out / "benchmarks.md").read_text()
+    assert md.startswith(f"`yolokd gains profile=scratch out={out} methods=dicod seeds=0,1`\n")
+    assert "| dicod | 0.2850 ± 0.0495 |" in md and "| 1.40 |" in md  # gains +0.05, +0.02
+    assert json.loads((out / "benchmarks.json").read_text())["results"]["cls_teacher"] == {"best": "c.pt"}
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted([*records, "dicod_s1"])
+    assert main(["gains", f"out={out}", "report=maybe"]) == 2
+    assert "report=maybe is not true or false" in capsys.readouterr().err
+
+
 def test_gap_closed_undefined_when_teacher_not_better():
     p = Profile(methods=("dfd",), seeds=(0,))
     rows = summarize(p, {"teacher": rec(0.2), "plain_s0": rec(0.3), "dfd_s0": rec(0.31)})

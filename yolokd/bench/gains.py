@@ -344,6 +344,26 @@ def run_all(p: Profile) -> dict:
     return results
 
 
+def finished_results(p: Profile) -> dict:
+    """`report=true`: the records `run_all` would return, read from the out folder's finished runs; nothing is
+    trained. Raises `DistillationConfigError` naming each run that has not finished and the epochs it holds."""
+    from yolokd.config import DistillationConfigError
+
+    distilled = [m for m in p.methods if m != NULL_ROW]
+    names = ["teacher", *(["student_init"] if p.student_init_epochs > 0 else []),
+             *(["cls_teacher"] if any("dicod" in m.split("+") for m in distilled) else []),
+             *(p.run_name(m, s) for s in p.seeds for m in ("plain", *p.methods))]
+    results = {name: _finished(p.out, name) for name in names}
+    missing = [f"{name} ({epochs_done(Path(p.out) / name)} epochs)" for name, rec in results.items() if rec is None]
+    if missing:
+        raise DistillationConfigError(f"report=true writes the table from finished runs only; not finished in "
+                                      f"{p.out}: {', '.join(missing)}. Run the same command without report=true to "
+                                      "train them.")
+    if "cls_teacher" in results:  # as `run_all` gives it: the checkpoint only (its accuracy is not a row)
+        results["cls_teacher"] = {"best": results["cls_teacher"]["best"]}
+    return results
+
+
 def _exit_with_parent() -> None:
     """Pool initializer: on Linux a worker is killed with the bench process, so that a bench killed and started
     again never has two processes training into one run folder. Elsewhere a no-op."""
@@ -649,10 +669,11 @@ def plot_epochs(rows: list[dict], path: Path, close_mosaic: int = 0) -> None:
     plt.close(fig)
 
 
-def bench(p: Profile, command: str | None = None) -> Path:
+def bench(p: Profile, command: str | None = None, report: bool = False) -> Path:
     """Run (or continue) the benchmark and write `benchmarks.md`, `benchmarks.json`, `benchmarks.png` and
-    `benchmarks-epochs.png` in out/ (`command`: the command line, printed above the table)."""
-    results = run_all(p)
+    `benchmarks-epochs.png` in out/ (`command`: the command line, printed above the table; `report`: from the
+    finished runs alone, training nothing, see `finished_results`)."""
+    results = finished_results(p) if report else run_all(p)
     rows = summarize(p, results, overhead_run(p, results))
     out = Path(p.out)
     md = markdown(p, results, rows, command)
@@ -690,6 +711,8 @@ The row null is the plain student with lrf 0.0001 higher, a nudge that cannot ma
 gain is run-to-run noise alone, the spread a method's gain must stand out from (in the scratch profile's rows).
 With it, a second table gives each row's paired gain over the mean of its seed's plain and null runs.
 Any other key is a train argument of every run (Ultralytics' or yolokd's, e.g. kd_max_ratio=0).
+report=true writes the table from the runs that have finished and trains nothing; while any run of the command has
+not finished, it names them (with the epochs each holds) and stops. The command above the table omits it.
 """
 
 
@@ -700,6 +723,10 @@ def cmd_gains(argv: list[str]) -> int:
     from yolokd.methods.base import parse_methods
 
     a = parse_kv(argv)
+    report = a.pop("report", False)
+    if not isinstance(report, bool):
+        raise DistillationConfigError(f"report={report} is not true or false: report=true writes the table of the "
+                                      "finished runs and trains nothing.")
     name = a.pop("profile", "cpu")
     if name not in PROFILES:
         raise DistillationConfigError(f"profile={name} is not a benchmark profile.{closest(str(name), list(PROFILES))}"
@@ -723,5 +750,6 @@ def cmd_gains(argv: list[str]) -> int:
         raise DistillationConfigError(
             f"variant= shares the plain runs, so it may change yolokd arguments only, not {', '.join(changed)}: "
             "give that change its own out= folder instead.")
-    bench(replace(p, **updates, train_args={**p.train_args, **a}), command=" ".join(["yolokd gains", *argv]))
+    command = " ".join(["yolokd gains", *(x for x in argv if not x.startswith("report="))])
+    bench(replace(p, **updates, train_args={**p.train_args, **a}), command=command, report=report)
     return 0
