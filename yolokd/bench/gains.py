@@ -84,6 +84,11 @@ class Profile:
         table and the figures, and its runs' names before the seed."""
         return f"{method}-{self.variant}" if self.variant and method not in UNDISTILLED else method
 
+    @property
+    def needs_cls_teacher(self) -> bool:
+        """Whether a row distils with DICOD (alone or composed), which needs the classifier teacher."""
+        return any("dicod" in m.split("+") for m in self.methods)
+
     def run_name(self, method: str, seed: int) -> str:
         """`plain_s0`, `dfd_s0`, or with a variant `dfd-nocap_s0`."""
         return f"{self.row_label(method)}_s{seed}"
@@ -313,8 +318,7 @@ def run_all(p: Profile) -> dict:
     with ProcessPoolExecutor(p.jobs, mp_context=multiprocessing.get_context("spawn"),
                              initializer=_exit_with_parent) as pool:
         teacher_job = pool.submit(train_run, "teacher", p.teacher_model, p.run_args(epochs=p.teacher_epochs, seed=0))
-        dicod = any("dicod" in m.split("+") for m in p.methods)
-        cls_teacher_job = pool.submit(cls_teacher_run, p) if dicod else None
+        cls_teacher_job = pool.submit(cls_teacher_run, p) if p.needs_cls_teacher else None
         student = p.student_model
         if p.student_init_epochs > 0:  # distil into an already (pre)trained student
             results["student_init"] = pool.submit(train_run, "student_init", student,
@@ -349,9 +353,8 @@ def finished_results(p: Profile) -> dict:
     trained. Raises `DistillationConfigError` naming each run that has not finished and the epochs it holds."""
     from yolokd.config import DistillationConfigError
 
-    distilled = [m for m in p.methods if m != NULL_ROW]
     names = ["teacher", *(["student_init"] if p.student_init_epochs > 0 else []),
-             *(["cls_teacher"] if any("dicod" in m.split("+") for m in distilled) else []),
+             *(["cls_teacher"] if p.needs_cls_teacher else []),
              *(p.run_name(m, s) for s in p.seeds for m in ("plain", *p.methods))]
     results = {name: _finished(p.out, name) for name in names}
     missing = [f"{name} ({epochs_done(Path(p.out) / name)} epochs)" for name, rec in results.items() if rec is None]
