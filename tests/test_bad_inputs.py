@@ -49,7 +49,7 @@ CASES = [  # (extra arguments, words the error must contain)
     (dict(teacher="good", method="dfx"), ["Unknown distillation method 'dfx'", "dfd"]),
     (dict(teacher="good", method="dfd+"), ["empty part"]),
     (dict(method="dfd"), ["needs a teacher", "teacher="]),
-    (dict(teacher="missing"), ["not found locally", ".yaml"]),
+    (dict(teacher="missing"), ["not found locally", "yolo detect train model=missing.yaml", "random weights"]),
     (dict(teacher="corrupt"), ["corrupt", "teacher"]),
     (dict(teacher="cls"), ["'classify' model", "detection model", "cls_teacher"]),
     (dict(teacher="yolov8n-seg.yaml"), ["'segment' model"]),
@@ -107,6 +107,21 @@ def test_refused_before_training(extra, words, ckpts, tiny_data, existing_run):
     for w in words:
         assert w in str(e.value), f"{w!r} not in: {e.value}"
     assert snapshot(existing_run.parent) == before  # nothing written, nothing deleted
+
+
+def test_a_yaml_teacher_is_warned_about(ckpts, tiny_data, tmp_path, monkeypatch):
+    """A .yaml teacher is allowed (smoke tests use one) but has random weights: the user is told, and a trained
+    checkpoint teacher is not warned about."""
+    from ultralytics.utils import LOGGER
+
+    said = []
+    monkeypatch.setattr(LOGGER, "warning", lambda msg, *a, **k: said.append(msg))
+    args = dict(model="yolov8n.yaml", data=tiny_data, project=str(tmp_path), epochs=1, imgsz=64, method="dfd")
+    DistillationTrainer(overrides={**args, "teacher": "yolov8s.yaml", "name": "yaml"})
+    assert [m for m in said if "teacher=yolov8s.yaml has random weights" in m and "best.pt" in m]
+    said.clear()
+    DistillationTrainer(overrides={**args, "teacher": str(ckpts["good"]), "name": "pt"})
+    assert not [m for m in said if "random weights" in m]
 
 
 def test_misspelt_key_suggests_the_right_one(tiny_data):

@@ -54,10 +54,12 @@ def resolve_weights(spec: str | Path, role: str) -> Path:
             pass
         finally:
             LOGGER.setLevel(level)
+    fix = (f"or a model .yaml (e.g. {key}={path.stem}.yaml) to start from random weights" if role == "student" else
+           f"e.g. the best.pt of `yolo detect train model={path.stem}.yaml data=<your data>`; a .yaml {role} would "
+           "teach from random weights")
     raise DistillationConfigError(
         f"{key}={spec}: {role} weights not found locally and not downloadable (offline, or not an official "
-        f"Ultralytics asset). Pass a local path ({key}=path/to/{path.name}), or a model .yaml "
-        f"(e.g. {key}={path.stem}.yaml) to start from random weights."
+        f"Ultralytics asset). Pass a local path ({key}=path/to/{path.name}), {fix}."
     )
 
 

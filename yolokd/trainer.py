@@ -130,7 +130,10 @@ class DistillationTrainer(DetectionTrainer):
         teacher = None
         if teacher_spec:  # first: a teacher that is missing or wrong stops before the student is built (and logs)
             teacher = load_detector(teacher_spec, "teacher", nc=data and data["nc"])
-            if data is not None and not str(teacher_spec).endswith((".yaml", ".yml")):
+            if str(teacher_spec).endswith((".yaml", ".yml")):
+                LOGGER.warning(f"yolokd: teacher={teacher_spec} has random weights, so the student learns to imitate "
+                               "noise; pass a trained teacher (teacher=path/to/best.pt) unless this is a smoke test.")
+            elif data is not None:
                 check_classes(teacher, data, teacher_spec)
         student_spec = overrides.get("model")
         student = load_detector(student_spec, "student", nc=data and data["nc"]) if student_spec else None
