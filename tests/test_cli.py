@@ -61,6 +61,8 @@ def test_methods_lists_each_registered_method_once(capsys):
     assert sorted(lines) == list_methods()
     assert {"fitnet", "dfd", "pdf", "rm", "pfi", "rmpfi", "pgd", "dicod", "ultralytics"} <= set(lines)
     assert "dfd_alpha=2.8e-05" in out
+    starts = {line.index(line.split(maxsplit=1)[1]) for line in out.splitlines() if line and not line.startswith(" ")}
+    assert len(starts) == 1  # the summaries line up, after the longest name ("ultralytics")
 
 
 def test_unknown_command_suggests_nearest(capsys):

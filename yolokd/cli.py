@@ -79,12 +79,13 @@ def cmd_methods(argv: list[str]) -> int:
 
     if argv:
         raise SyntaxError(f"yolokd methods takes no arguments (got {' '.join(argv)})")
+    width = max(map(len, list_methods()))
     for name in list_methods():
         cls = get_method(name)
-        print(f"{name:<10} {cls.summary}")
+        print(f"{name:<{width}} {cls.summary}")
         defaults = prefixed(name, method_defaults(name))
         if defaults:
-            print(" " * 11 + "  ".join(f"{k}={v}" for k, v in defaults.items()))
+            print(" " * (width + 1) + "  ".join(f"{k}={v}" for k, v in defaults.items()))
     return 0
 
 
