@@ -124,6 +124,18 @@ def test_a_yaml_teacher_is_warned_about(ckpts, tiny_data, tmp_path, monkeypatch)
     assert not [m for m in said if "random weights" in m]
 
 
+def test_a_dataset_that_cannot_be_downloaded_is_one_line(tmp_path, capsys):
+    """A data yaml whose images are missing and whose `download:` fails (offline, as here: nothing listens on the
+    port) ends in one line naming the fix, not in Ultralytics' ConnectionError traceback; no run folder is made."""
+    data = tmp_path / "data.yaml"
+    data.write_text(f"path: {tmp_path / 'missing'}\ntrain: images/train\nval: images/val\nnames: {{0: a}}\n"
+                    "download: http://127.0.0.1:9/data.zip\n")
+    assert main(["train", "model=yolov8n.yaml", f"data={data}", f"project={tmp_path / 'runs'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "could not download them" in err[0] and "data=synthetic" in err[0]
+    assert "Traceback" not in err[0] and not (tmp_path / "runs").exists()
+
+
 def test_misspelt_key_suggests_the_right_one(tiny_data):
     with pytest.raises(SyntaxError, match="teacher"):
         DistillationTrainer(overrides=dict(model="yolov8n.yaml", data=tiny_data, teachr="x.pt"))

@@ -580,10 +580,10 @@ def saved_args(spec) -> dict:
 def inputs(opt: SimpleNamespace) -> tuple[list[str], nn.Module, nn.Module | None, dict | None, list[Picture]]:
     """Every check of the command (one-line errors, nothing written): the methods, the models, the dataset (`data=`,
     else the one the checkpoints were trained on), the letterboxed images."""
-    from ultralytics.data.utils import check_det_dataset
     from ultralytics.utils.checks import check_imgsz
 
     from yolokd.checks import check_classes, check_strides, load_detector
+    from yolokd.data.checks import load_dataset
     from yolokd.data.synthetic import resolve_data
     from yolokd.methods.base import get_method
     from yolokd.trainer import BUILTIN, resolve_method_names
@@ -603,7 +603,7 @@ def inputs(opt: SimpleNamespace) -> tuple[list[str], nn.Module, nn.Module | None
     if files is None and not data_spec:
         raise DistillationConfigError("no images: pass source= (an image, a folder or a glob) or data= (its first "
                                       "n= val images are used).")
-    data = check_det_dataset(resolve_data(data_spec)) if data_spec else None
+    data = load_dataset(resolve_data(data_spec)) if data_spec else None
     teacher = load_detector(opt.teacher, "teacher", nc=data and data["nc"]) if opt.teacher else None
     student = load_detector(opt.model, "student", nc=data["nc"] if data else teacher and len(teacher.names))
     if teacher is not None:

@@ -34,7 +34,6 @@ import torch
 from torch import distributed as dist
 
 from ultralytics.cfg import DEFAULT_CFG, cfg2dict
-from ultralytics.data.utils import check_det_dataset
 from ultralytics.models.yolo.detect import DetectionTrainer, DetectionValidator
 from ultralytics.utils import LOGGER, RANK, colorstr
 from ultralytics.utils.torch_utils import unwrap_model
@@ -42,7 +41,7 @@ from ultralytics.utils.torch_utils import unwrap_model
 from yolokd.checks import DistillationConfigError, check_classes, check_strides, freeze, load_detector
 from yolokd.config import check_kd_values, check_train_keys, full_defaults, split_kd_args
 from yolokd.criterion import broadcast_from_rank0, build_distillation
-from yolokd.data.checks import check_dataset
+from yolokd.data.checks import check_dataset, load_dataset
 from yolokd.data.synthetic import resolve_data
 from yolokd.explain import EpochFigures, plot_kd_results
 from yolokd.methods.base import MethodSet, check_adapter_init, get_method, parse_methods
@@ -80,7 +79,7 @@ class DistillationTrainer(DetectionTrainer):
         self.teacher = self.distillation = self._kd_state_dir = None
         self._preflight = None
         if not overrides.get("resume"):
-            data = check_det_dataset(overrides["data"]) if overrides.get("data") else None
+            data = load_dataset(overrides["data"]) if overrides.get("data") else None
             if data is not None:  # what the dataset holds, before Ultralytics creates the run folder
                 check_dataset(data, str(overrides["data"]))
             self._preflight = self._check_inputs(overrides, data)
@@ -88,7 +87,7 @@ class DistillationTrainer(DetectionTrainer):
             overrides["distill_model"] = overrides["teacher"]  # Ultralytics loads and wraps the teacher itself
         super().__init__(base, overrides, _callbacks)
         if self.args.resume and self.kd_method_names:  # the run's own arguments are back: check them as a new run's
-            self._preflight = self._check_inputs(vars(self.args), check_det_dataset(self.args.data))
+            self._preflight = self._check_inputs(vars(self.args), load_dataset(self.args.data))
         if self.kd_method_names and self.args.compile:
             LOGGER.warning("compile=True is not supported with distillation (forward hooks); disabling it.")
             self.args.compile = False

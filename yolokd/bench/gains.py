@@ -290,12 +290,12 @@ def label_caches(p: Profile) -> None:
     side: two runs that find no valid cache both write it, and one of them fails on the other's rename."""
     from ultralytics.cfg import get_cfg
     from ultralytics.data import build_yolo_dataset
-    from ultralytics.data.utils import check_det_dataset
 
     from yolokd.config import split_kd_args
+    from yolokd.data.checks import load_dataset
 
     args, _ = split_kd_args(p.run_args())  # Ultralytics' own config refuses yolokd's keys (a variant's kd_ramp=...)
-    data = check_det_dataset(args["data"])
+    data = load_dataset(args["data"])
     cfg = get_cfg(overrides={k: v for k, v in args.items() if k not in {"project", "exist_ok"}})
     for split in ("train", "val"):  # the dataset's constructor scans the labels and saves the cache
         build_yolo_dataset(cfg, data[split], p.batch, data, mode=split)

@@ -17,6 +17,24 @@ from yolokd.config import DistillationConfigError
 SPLITS = ("train", "val")
 
 
+def load_dataset(data: str | Path) -> dict:
+    """Ultralytics' `check_det_dataset` (which downloads a dataset named in Ultralytics' yamls when its images are
+    missing), with a failed download (offline, a dead link) turned into one line naming the fix."""
+    from ultralytics.data.utils import check_det_dataset
+    from ultralytics.utils import DATASETS_DIR
+
+    try:
+        return check_det_dataset(str(data))
+    except FileNotFoundError:  # Ultralytics' own one-line message: the yaml, or images it has no download for
+        raise
+    except OSError as e:  # ConnectionError, requests' errors, a disk that filled up during the download
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0].strip("❌ .")
+        raise DistillationConfigError(
+            f"data={data}: its images are not on this machine and Ultralytics could not download them ({first}). "
+            f"Download it where there is internet and put it where the yaml's `path:` points (a relative one is "
+            f"under {DATASETS_DIR}), or pass a local dataset (data=path/to/data.yaml, or data=synthetic).") from e
+
+
 def image_files(spec: str | list[str]) -> list[Path]:
     """Image paths of one split entry of a data yaml: directories (recursive), image files or .txt lists.
 

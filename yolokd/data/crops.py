@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from yolokd.data.checks import SPLITS, image_files
+from yolokd.data.checks import SPLITS, image_files, load_dataset
 
 MARKER = "crops.yaml"
 
@@ -101,7 +101,7 @@ def make_crops(data: str, out: str | Path, pad: float = 0.0, imgsz: int | None =
     Returns:
         (dict): `{"out", "names", "counts": {split: {class: n}}, "skipped": {split: n}, "images": {split: n}}`.
     """
-    from ultralytics.data.utils import check_det_dataset, img2label_paths
+    from ultralytics.data.utils import img2label_paths
     from ultralytics.utils import LOGGER, TQDM, YAML, colorstr
     from ultralytics.utils.patches import imread, imwrite
 
@@ -113,7 +113,7 @@ def make_crops(data: str, out: str | Path, pad: float = 0.0, imgsz: int | None =
         data = resolve_data(data)
     except ImportError:  # pragma: no cover  (presets unavailable: a plain data yaml still works)
         pass
-    d = check_det_dataset(str(data))
+    d = load_dataset(data)
     names = [folder_name(d["names"][i]) for i in range(d["nc"])]
     if len(set(names)) != len(names):
         dup = sorted(n for n, c in Counter(names).items() if c > 1)

@@ -271,6 +271,6 @@ class DICOD(DistillMethod):
 
 
 def _data_names(data) -> dict:
-    from ultralytics.data.utils import check_det_dataset
+    from yolokd.data.checks import load_dataset
 
-    return check_det_dataset(str(data))["names"]
+    return load_dataset(data)["names"]
