@@ -79,6 +79,9 @@ RANGE_CASES = [  # (numeric arguments, the one-line error): the ranges declared 
     (dict(method="ld", ld_temperature=0), "ld_temperature=0 is out of range: it must be > 0 (default: 10.0)."),
     (dict(method="pgd", pgd_topk=0), "pgd_topk=0 is out of range: it must be >= 1 (default: 30)."),
     (dict(method="pgd", pgd_xi_cls=1.5), "pgd_xi_cls=1.5 is out of range: it must be in [0, 1] (default: 0.8)."),
+    (dict(method="dfd", lr0="abc"),  # Ultralytics' check of its own keys, run before anything is built
+     "'lr0=abc' is of invalid type str. Valid 'lr0' types are int (i.e. 'lr0=0') or float (i.e. 'lr0=0.5')"),
+    (dict(method="dfd", plots="maybe"), "'plots=maybe' is of invalid type str. 'plots' must be a bool"),
 ]
 
 

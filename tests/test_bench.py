@@ -79,6 +79,16 @@ def test_epoch_seconds_counts_across_a_resume(tmp_path):
     (["methods=null,pgdd"], "Unknown distillation method 'pgdd'"),  # the null row is a row, not a method
     (["variant=x", "nbs=16"], "variant= shares the plain runs, so it may change yolokd arguments only, not nbs"),
     (["variant=x", "epochs=3"], "variant= shares the plain runs, so it may change yolokd arguments only, not epochs"),
+    (["seeds=0,a"], "seeds=0,a must be integers >= 0 separated by commas, e.g. seeds=0,1,2."),
+    (["seeds=-1"], "seeds=-1 must be integers >= 0"),
+    (["seeds="], "'seeds=' has no value"),
+    (["jobs=abc"], "jobs=abc must be an integer >= 1 (profile=cpu has 2)."),
+    (["epochs=0"], "epochs=0 must be an integer >= 1"),
+    (["epochs=2.5"], "epochs=2.5 must be an integer >= 1"),
+    (["imgsz=16"], "imgsz=16 must be an integer >= 32"),
+    (["fraction=1.5"], "fraction=1.5 must be a number in (0, 1]"),
+    (["lr0=abc"], "'lr0=abc' is of invalid type str."),  # Ultralytics' own check, one line instead of its TypeError
+    (["kd_fade=3"], "kd_fade=3 is out of range: it must be in [0, 1]"),
 ])
 def test_bad_bench_arguments_stop_before_any_run(argv, message, tmp_path, capsys):
     from yolokd.cli import main

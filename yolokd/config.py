@@ -173,6 +173,19 @@ def check_kd_values(kd: dict[str, Any]) -> None:
                                           f"(default: {default}).")
 
 
+def check_train_values(args: dict[str, Any]) -> None:
+    """The kind and range of every train argument given, before anything is built: Ultralytics' `check_cfg` for its
+    keys (its TypeError, e.g. `lr0=abc`, would otherwise end in a traceback), `check_kd_values` for yolokd's."""
+    from ultralytics.cfg import check_cfg
+
+    ultra, kd = split_kd_args(args)
+    try:
+        check_cfg(dict(ultra))  # a copy: Ultralytics converts in place, and converts again when the run starts
+    except (TypeError, ValueError) as e:
+        raise DistillationConfigError((str(e).strip().splitlines() or [type(e).__name__])[0]) from None
+    check_kd_values(kd)
+
+
 def method_hparams(method: str, args: dict[str, Any] | Any) -> dict[str, Any]:
     """The un-prefixed hyper-parameters of `method` read from train arguments (dict or namespace)."""
     get = args.get if isinstance(args, dict) else lambda k, d: getattr(args, k, d)
@@ -187,7 +200,10 @@ def parse_kv(argv: list[str]) -> dict[str, Any]:
     for a in merge_equals_args(argv):
         if "=" not in a:
             raise SyntaxError(f"'{a}' is not a key=value argument (e.g. epochs=10)")
-        k, v = parse_key_value_pair(a)
+        try:
+            k, v = parse_key_value_pair(a)
+        except AssertionError:  # Ultralytics asserts that the value is not empty
+            raise SyntaxError(f"'{a}' has no value: give one after '=' (e.g. epochs=10)") from None
         out[k] = v
     return out
 

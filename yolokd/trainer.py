@@ -39,7 +39,7 @@ from ultralytics.utils import LOGGER, RANK, colorstr
 from ultralytics.utils.torch_utils import unwrap_model
 
 from yolokd.checks import DistillationConfigError, check_classes, check_strides, freeze, load_detector
-from yolokd.config import check_kd_values, check_train_keys, full_defaults, split_kd_args
+from yolokd.config import check_kd_values, check_train_keys, check_train_values, full_defaults, split_kd_args
 from yolokd.criterion import broadcast_from_rank0, build_distillation
 from yolokd.data.checks import check_dataset, load_dataset
 from yolokd.data.synthetic import resolve_data
@@ -74,6 +74,7 @@ class DistillationTrainer(DetectionTrainer):
         overrides = dict(overrides or {})
         base = {**full_defaults(), **cfg2dict(cfg)}
         check_train_keys(overrides, base)  # misspelt keys fail first, with the nearest valid names
+        check_train_values(overrides)
         if overrides.get("data"):
             overrides["data"] = resolve_data(overrides["data"])
         self.teacher = self.distillation = self._kd_state_dir = None

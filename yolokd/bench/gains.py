@@ -719,10 +719,40 @@ not finished, it names them (with the epochs each holds) and stops. The command 
 """
 
 
+PROFILE_COUNTS = {"epochs": 1, "teacher_epochs": 1, "cls_teacher_epochs": 1, "student_init_epochs": 0, "jobs": 1,
+                  "imgsz": 32, "batch": 1}  # integer fields of a Profile and their least value
+
+
+def check_profile_fields(updates: dict, profile: str) -> None:
+    """The fields given on the command line, in place: seeds and the counts as ints, each in its range, before
+    anything is trained (a wrong one would otherwise fail inside a run, after the teacher has started)."""
+    from yolokd.config import DistillationConfigError
+
+    shipped = PROFILES[profile]
+    for key, least in PROFILE_COUNTS.items():
+        value = updates.get(key)
+        if key in updates and (isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value)
+                               or value < least):
+            raise DistillationConfigError(f"{key}={value} must be an integer >= {least} (profile={profile} has "
+                                          f"{getattr(shipped, key)}).")
+        if key in updates:
+            updates[key] = int(value)
+    if "seeds" in updates:
+        seeds = tuple(int(x) if isinstance(x, str) and x.strip().isdigit() else x for x in updates["seeds"])
+        if not seeds or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in seeds):
+            raise DistillationConfigError(f"seeds={','.join(map(str, seeds))} must be integers >= 0 separated by "
+                                          "commas, e.g. seeds=0,1,2.")
+        updates["seeds"] = seeds
+    fraction = updates.get("fraction", 1.0)
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        raise DistillationConfigError(f"fraction={fraction} must be a number in (0, 1]: the share of the train "
+                                      "images every run trains on.")
+
+
 def cmd_gains(argv: list[str]) -> int:
     """`yolokd gains`: see GAINS_HELP."""
     from yolokd.config import parse_kv
-    from yolokd.config import DistillationConfigError, check_train_keys, closest, split_kd_args
+    from yolokd.config import DistillationConfigError, check_train_keys, check_train_values, closest, split_kd_args
     from yolokd.methods.base import parse_methods
 
     a = parse_kv(argv)
@@ -741,12 +771,12 @@ def cmd_gains(argv: list[str]) -> int:
         if k in updates:
             v = updates[k]
             updates[k] = tuple(v.split(",") if isinstance(v, str) else v if isinstance(v, (list, tuple)) else [v])
-    if "seeds" in updates:
-        updates["seeds"] = tuple(int(s) for s in updates["seeds"])
+    check_profile_fields(updates, name)
     for m in updates.get("methods", ()):
         if m != NULL_ROW:
             parse_methods(m)
     check_train_keys(a)
+    check_train_values(a)
     ultra, _ = split_kd_args(a)
     changed = [*ultra, *(k for k in updates if k not in {"methods", "seeds", "jobs", "out", "variant", "device"})]
     if updates.get("variant") and changed:
