@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import cv2
@@ -143,6 +144,13 @@ def test_cmd_crops(det_data, tmp_path, capsys):
         cmd_crops([f"data={det_data}", "padd=0.1"])
     with pytest.raises(SyntaxError, match="data= is required"):
         cmd_crops([])
+    bad = {"imgsz=abc": "imgsz=abc must be an integer, e.g. imgsz=64", "imgsz=8.5": "imgsz=8.5 must be an integer",
+           "min_size=x": "min_size=x must be an integer, e.g. min_size=2", "imgsz=0": "imgsz >= 1 (or none)",
+           "pad=-1": "pad must be >= 0", "fraction=2": "fraction in (0, 1]"}
+    for arg, message in bad.items():  # refused before the out folder is made
+        with pytest.raises(ValueError, match=re.escape(message)):
+            cmd_crops([f"data={det_data}", f"out={tmp_path / 'bad'}", arg])
+        assert not (tmp_path / "bad").exists()
 
 
 def test_fraction_keeps_the_train_images_ultralytics_trains_on(det_data, tmp_path):
