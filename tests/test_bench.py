@@ -82,11 +82,12 @@ def test_epoch_seconds_counts_across_a_resume(tmp_path):
     (["seeds=0,a"], "seeds=0,a must be integers >= 0 separated by commas, e.g. seeds=0,1,2."),
     (["seeds=-1"], "seeds=-1 must be integers >= 0"),
     (["seeds="], "'seeds=' has no value"),
-    (["jobs=abc"], "jobs=abc must be an integer >= 1 (profile=cpu has 2)."),
-    (["epochs=0"], "epochs=0 must be an integer >= 1"),
-    (["epochs=2.5"], "epochs=2.5 must be an integer >= 1"),
-    (["imgsz=16"], "imgsz=16 must be an integer >= 32"),
+    (["jobs=abc"], "jobs=abc must be a whole number >= 1 (profile=cpu has 2)."),
+    (["epochs=0"], "epochs=0 must be a whole number >= 1"),
+    (["epochs=2.5"], "epochs=2.5 must be a whole number >= 1"),
+    (["imgsz=16"], "imgsz=16 must be a whole number >= 32"),
     (["fraction=1.5"], "fraction=1.5 must be a number in (0, 1]"),
+    (["fraction=0"], "fraction=0 must be a number in (0, 1]"),  # the open end of the range
     (["lr0=abc"], "'lr0=abc' is of invalid type str."),  # Ultralytics' own check, one line instead of its TypeError
     (["kd_fade=3"], "kd_fade=3 is out of range: it must be in [0, 1]"),
 ])
@@ -155,6 +156,17 @@ def test_tiny_bench_runs_then_skips_finished_runs(tmp_path, tiny_data):
     stamps = {f: f.stat().st_mtime for f in (md.parent).glob("*/result.json")}
     bench(p)  # everything done: nothing is retrained
     assert stamps == {f: f.stat().st_mtime for f in (md.parent).glob("*/result.json")}
+
+
+@pytest.mark.parametrize("arg,message", [("iters=abc", "iters=abc must be a whole number >= 1."),
+                                         ("batch=0", "batch=0 must be a whole number >= 1."),
+                                         ("imgsz=16", "imgsz=16 must be a whole number >= 32.")])
+def test_overhead_refuses_a_count_of_the_wrong_kind_in_one_line(arg, message, capsys):
+    from yolokd.cli import main
+
+    assert main(["overhead", "model=yolov8n.yaml", "teacher=yolov8s.yaml", arg]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
 
 
 def test_overhead_times_every_method_with_a_checkpoint_student(tmp_path):

@@ -144,9 +144,9 @@ def test_cmd_crops(det_data, tmp_path, capsys):
         cmd_crops([f"data={det_data}", "padd=0.1"])
     with pytest.raises(SyntaxError, match="data= is required"):
         cmd_crops([])
-    bad = {"imgsz=abc": "imgsz=abc must be an integer, e.g. imgsz=64", "imgsz=8.5": "imgsz=8.5 must be an integer",
-           "min_size=x": "min_size=x must be an integer, e.g. min_size=2", "imgsz=0": "imgsz >= 1 (or none)",
-           "pad=-1": "pad must be >= 0", "fraction=2": "fraction in (0, 1]"}
+    bad = {"imgsz=abc": "imgsz=abc must be a whole number >= 1.", "imgsz=8.5": "imgsz=8.5 must be a whole number",
+           "min_size=x": "min_size=x must be a whole number >= 1.", "pad=-1": "pad=-1 must be a number >= 0.",
+           "fraction=2": "fraction=2 must be a number in (0, 1].", "imgsz=0": "imgsz=0 must be a whole number >= 1."}
     for arg, message in bad.items():  # refused before the out folder is made
         with pytest.raises(ValueError, match=re.escape(message)):
             cmd_crops([f"data={det_data}", f"out={tmp_path / 'bad'}", arg])

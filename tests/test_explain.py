@@ -250,6 +250,9 @@ def test_explain_a_source_folder_without_labels_uses_the_teacher(tiny_data, tmp_
     (["teacher=yolov8s.yaml", "method=pgdd"], "Unknown distillation method 'pgdd'. Did you mean 'pgd'"),
     (["teacher=yolov8s.yaml", "method=ultralytics"], "method=ultralytics runs inside Ultralytics"),
     (["teachr=yolov8s.yaml"], "'teachr' is not an explain argument. Did you mean 'teacher'"),
+    (["teacher=yolov8s.yaml", "n=0"], "n=0 must be a whole number >= 1."),
+    (["teacher=yolov8s.yaml", "n=abc"], "n=abc must be a whole number >= 1."),
+    (["teacher=yolov8s.yaml", "conf=2"], "conf=2 must be a number in [0, 1]."),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(argv, words, tiny_data, tmp_path, monkeypatch, capsys):
     empty = tmp_path / "empty"

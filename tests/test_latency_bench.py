@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,12 @@ def test_cmd_benchmark_arguments(students, tmp_path, capsys):  # noqa: F811
         cmd_benchmark(argv + ["epochs=3"])
     with pytest.raises(DistillationConfigError, match="data= is needed"):
         cmd_benchmark(argv[:4] + [f"out={out}"])
+    for bad, message in (("iters=0", "iters=0 must be a whole number >= 1."),
+                         ("imgsz=abc", "imgsz=abc must be a whole number >= 32.")):
+        with pytest.raises(DistillationConfigError, match=re.escape(message)):
+            cmd_benchmark(argv + [bad])
+    with pytest.raises(SyntaxError, match=re.escape("batch=0: give batch sizes as whole numbers >= 1")):
+        cmd_benchmark(argv + ["batch=0"])
     from yolokd.cli import main
 
     assert main(["latency", "help"]) == 0 and "runtimes=auto" in capsys.readouterr().out

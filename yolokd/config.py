@@ -113,8 +113,8 @@ def split_kd_args(args: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]
 
 @dataclass(frozen=True)
 class Range:
-    """An allowed range of a numeric argument, declared in its YAML comment as `# (float >= 0)`, `(int > 0)` or
-    `(float in [0, 1])`, next to its default."""
+    """An allowed range of a numeric argument, declared in its YAML comment as `# (float >= 0)`, `(int > 0)`,
+    `(float in [0, 1])` or `(float in (0, 1])`, next to its default."""
 
     text: str  # as declared, e.g. ">= 0" or "in [0, 1]"
     low: float = -math.inf
@@ -123,15 +123,27 @@ class Range:
 
     @classmethod
     def parse(cls, text: str) -> Range:
-        m = re.fullmatch(r"(>=|>)\s*(\S+)|in \[(\S+),\s*(\S+)\]", text.strip())
+        m = re.fullmatch(r"(>=|>)\s*(\S+)|in ([\[(])(\S+),\s*(\S+)\]", text.strip())
         if not m:
-            raise ValueError(f"unreadable range '{text}': use '>= x', '> x' or 'in [a, b]'")
+            raise ValueError(f"unreadable range '{text}': use '>= x', '> x', 'in [a, b]' or 'in (a, b]'")
         if m.group(1):
             return cls(text.strip(), low=float(m.group(2)), low_open=m.group(1) == ">")
-        return cls(text.strip(), low=float(m.group(3)), high=float(m.group(4)))
+        return cls(text.strip(), low=float(m.group(4)), high=float(m.group(5)), low_open=m.group(3) == "(")
 
     def __contains__(self, x: float) -> bool:
         return (x > self.low if self.low_open else x >= self.low) and x <= self.high
+
+
+def check_number(key: str, value: Any, kind: type = int, allowed: str = ">= 1", hint: str = "") -> int | float:
+    """A command's own numeric argument as `kind`, or a one-line error naming it: `int` takes whole numbers (1e2
+    too, as Ultralytics does), `float` any number; `allowed` is a `Range` text (">= 1", "> 0", "in [0, 1]")."""
+    rng = Range.parse(allowed)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+    whole = number and (kind is float or (math.isfinite(value) and value == int(value)))
+    if not whole or value not in rng:
+        raise DistillationConfigError(f"{key}={value} must be {'a whole number' if kind is int else 'a number'} "
+                                      f"{rng.text}{hint}.")
+    return kind(value)
 
 
 _DECLARED = re.compile(r"^(\w+):[^#]*#\s*\((float|int)\s+([^)]+)\)")

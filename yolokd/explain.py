@@ -557,7 +557,7 @@ def plot_kd_results(results_csv: Path, on_plot=None) -> Path | None:
 def options(argv: list[str]) -> SimpleNamespace:
     """The command line as a namespace of `OWN_KEYS` and every yolokd train argument, with their defaults; a
     misspelt key or a bad value is a one-line error."""
-    from yolokd.config import check_kd_values, kd_defaults
+    from yolokd.config import check_kd_values, check_number, kd_defaults
 
     args, kd = parse_kv(argv), kd_defaults()
     for key in args:
@@ -565,6 +565,8 @@ def options(argv: list[str]) -> SimpleNamespace:
             raise SyntaxError(f"'{key}' is not an explain argument.{closest(key, sorted({*OWN_KEYS, *kd}))} See "
                               "`yolokd explain help`.")
     check_kd_values({k: v for k, v in args.items() if k in kd})
+    numbers = {"n": (int, ">= 1"), "imgsz": (int, ">= 32"), "dpi": (int, ">= 10"), "conf": (float, "in [0, 1]")}
+    args.update({k: check_number(k, args[k], *numbers[k]) for k in numbers if args.get(k) is not None})
     return SimpleNamespace(**{**kd, **OWN_KEYS, **args})
 
 

@@ -719,34 +719,29 @@ not finished, it names them (with the epochs each holds) and stops. The command 
 """
 
 
-PROFILE_COUNTS = {"epochs": 1, "teacher_epochs": 1, "cls_teacher_epochs": 1, "student_init_epochs": 0, "jobs": 1,
-                  "imgsz": 32, "batch": 1}  # integer fields of a Profile and their least value
+PROFILE_COUNTS = {"epochs": ">= 1", "teacher_epochs": ">= 1", "cls_teacher_epochs": ">= 1",
+                  "student_init_epochs": ">= 0", "jobs": ">= 1", "imgsz": ">= 32", "batch": ">= 1"}  # int fields
 
 
 def check_profile_fields(updates: dict, profile: str) -> None:
     """The fields given on the command line, in place: seeds and the counts as ints, each in its range, before
     anything is trained (a wrong one would otherwise fail inside a run, after the teacher has started)."""
-    from yolokd.config import DistillationConfigError
+    from yolokd.config import DistillationConfigError, check_number
 
     shipped = PROFILES[profile]
-    for key, least in PROFILE_COUNTS.items():
-        value = updates.get(key)
-        if key in updates and (isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value)
-                               or value < least):
-            raise DistillationConfigError(f"{key}={value} must be an integer >= {least} (profile={profile} has "
-                                          f"{getattr(shipped, key)}).")
+    for key, allowed in PROFILE_COUNTS.items():
         if key in updates:
-            updates[key] = int(value)
+            updates[key] = check_number(key, updates[key], int, allowed,
+                                        f" (profile={profile} has {getattr(shipped, key)})")
     if "seeds" in updates:
         seeds = tuple(int(x) if isinstance(x, str) and x.strip().isdigit() else x for x in updates["seeds"])
         if not seeds or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in seeds):
             raise DistillationConfigError(f"seeds={','.join(map(str, seeds))} must be integers >= 0 separated by "
                                           "commas, e.g. seeds=0,1,2.")
         updates["seeds"] = seeds
-    fraction = updates.get("fraction", 1.0)
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
-        raise DistillationConfigError(f"fraction={fraction} must be a number in (0, 1]: the share of the train "
-                                      "images every run trains on.")
+    if "fraction" in updates:
+        updates["fraction"] = check_number("fraction", updates["fraction"], float, "in (0, 1]",
+                                           ": the share of the train images every run trains on")
 
 
 def cmd_gains(argv: list[str]) -> int:

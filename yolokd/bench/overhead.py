@@ -109,7 +109,7 @@ OWN_KEYS = ("model", "teacher", "methods", "imgsz", "batch", "iters", "warmup", 
 
 def cmd_overhead(argv: list[str]) -> int:
     """`yolokd overhead model= teacher= methods=a,b imgsz= batch= iters= warmup= threads=` (+ yolokd train keys)."""
-    from yolokd.config import DistillationConfigError, closest, kd_defaults, parse_kv
+    from yolokd.config import DistillationConfigError, check_number, closest, kd_defaults, parse_kv
 
     a = parse_kv(argv)
     valid = [*OWN_KEYS, *kd_defaults()]
@@ -122,6 +122,8 @@ def cmd_overhead(argv: list[str]) -> int:
     methods = methods.split(",") if isinstance(methods, str) else list(methods)
     for m in methods:  # refused before anything is timed
         parse_methods(m)
+    counts = {"imgsz": ">= 32", "batch": ">= 1", "iters": ">= 1", "warmup": ">= 0", "threads": ">= 1", "nc": ">= 1"}
+    a.update({k: check_number(k, a[k], int, allowed) for k, allowed in counts.items() if k in a})
     torch.set_num_threads(a.pop("threads", torch.get_num_threads()))
     times = measure(a.pop("model", "yolov8n.yaml"), a.pop("teacher", "yolov8s.yaml"), methods, **a)
     LOGGER.info(f"threads={torch.get_num_threads()}\n" + report(times))

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from yolokd.config import check_number
 from yolokd.data.checks import SPLITS, image_files, load_dataset
 
 MARKER = "crops.yaml"
@@ -105,9 +106,9 @@ def make_crops(data: str, out: str | Path, pad: float = 0.0, imgsz: int | None =
     from ultralytics.utils import LOGGER, TQDM, YAML, colorstr
     from ultralytics.utils.patches import imread, imwrite
 
-    if pad < 0 or min_size < 1 or (imgsz is not None and imgsz < 1) or not 0 < fraction <= 1:
-        raise ValueError(f"pad must be >= 0, imgsz >= 1 (or none), min_size >= 1 and fraction in (0, 1] (got pad={pad}, "
-                         f"imgsz={imgsz}, min_size={min_size}, fraction={fraction})")
+    pad, min_size = check_number("pad", pad, float, ">= 0"), check_number("min_size", min_size, int, ">= 1")
+    imgsz = None if imgsz is None else check_number("imgsz", imgsz, int, ">= 1")
+    fraction = check_number("fraction", fraction, float, "in (0, 1]")
     try:
         from yolokd.data.synthetic import resolve_data
 
@@ -213,17 +214,8 @@ def cmd_crops(argv: list[str]) -> int:
     data = str(args["data"])
     out = args.get("out") or Path("crops") / Path(data).stem
 
-    def number(key, kind, default):  # parse_kv has read the value as Ultralytics does: 64 -> int, abc -> str
-        value = args.get(key, default)
-        if value is None or value == "":
-            return None
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or value == int(value)):
-            return kind(value)
-        raise ValueError(f"{key}={value} must be {'an integer' if kind is int else 'a number'}, e.g. {key}="
-                         f"{default or 64}")
-
-    make_crops(data, out, pad=number("pad", float, 0.0), imgsz=number("imgsz", int, None),
-               min_size=number("min_size", int, 2), fraction=number("fraction", float, 1.0))
+    make_crops(data, out, pad=args.get("pad", 0.0), imgsz=args.get("imgsz"), min_size=args.get("min_size", 2),
+               fraction=args.get("fraction", 1.0))
     print(f"Train a classifier teacher on it:  yolo classify train model=yolov8n-cls.yaml data={out} "
           f"imgsz={args.get('imgsz') or 64} epochs=10")
     return 0
