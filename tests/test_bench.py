@@ -79,8 +79,8 @@ def test_epoch_seconds_counts_across_a_resume(tmp_path):
     (["methods=null,pgdd"], "Unknown distillation method 'pgdd'"),  # the null row is a row, not a method
     (["variant=x", "nbs=16"], "variant= shares the plain runs, so it may change yolokd arguments only, not nbs"),
     (["variant=x", "epochs=3"], "variant= shares the plain runs, so it may change yolokd arguments only, not epochs"),
-    (["seeds=0,a"], "seeds=0,a must be integers >= 0 separated by commas, e.g. seeds=0,1,2."),
-    (["seeds=-1"], "seeds=-1 must be integers >= 0"),
+    (["seeds=0,a"], "seeds=0,a must be whole numbers >= 0 separated by commas, e.g. seeds=0,1,2."),
+    (["seeds=-1"], "seeds=-1 must be whole numbers >= 0"),
     (["seeds="], "'seeds=' has no value"),
     (["jobs=abc"], "jobs=abc must be a whole number >= 1 (profile=cpu has 2)."),
     (["epochs=0"], "epochs=0 must be a whole number >= 1"),

@@ -82,4 +82,4 @@ def test_benchmark_refuses_bad_arguments(capsys, ckpts, tmp_path):
     err = _refused(capsys, ["benchmark", f"models={ckpts['cls']}", "val=False", out], tmp_path)
     assert "holds an Ultralytics ClassificationModel, not a DetectionModel" in err
     err = _refused(capsys, ["benchmark", f"models={ckpts['det']}", "batch=1,x", out], tmp_path)
-    assert err.endswith("batch=1,x: give batch sizes as whole numbers, e.g. batch=1,8")
+    assert err.endswith("batch=1,x must be whole numbers >= 1 separated by commas, e.g. batch=1,8.")

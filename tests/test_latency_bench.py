@@ -92,7 +92,7 @@ def test_cmd_benchmark_arguments(students, tmp_path, capsys):  # noqa: F811
                          ("imgsz=abc", "imgsz=abc must be a whole number >= 32.")):
         with pytest.raises(DistillationConfigError, match=re.escape(message)):
             cmd_benchmark(argv + [bad])
-    with pytest.raises(SyntaxError, match=re.escape("batch=0: give batch sizes as whole numbers >= 1")):
+    with pytest.raises(DistillationConfigError, match=re.escape("batch=0 must be whole numbers >= 1 separated by")):
         cmd_benchmark(argv + ["batch=0"])
     from yolokd.cli import main
 

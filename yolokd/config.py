@@ -146,6 +146,18 @@ def check_number(key: str, value: Any, kind: type = int, allowed: str = ">= 1", 
     return kind(value)
 
 
+def check_whole_numbers(key: str, value: Any, allowed: str, example: str) -> tuple[int, ...]:
+    """A comma list of whole numbers (`seeds=0,1,2`, `batch=1,8`; one number alone too), each in `allowed` (a `Range`
+    text), or a one-line error naming the key and an example."""
+    items = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
+    items = [int(x) if isinstance(x, str) and x.strip().isdigit() else x for x in items]
+    rng = Range.parse(allowed)
+    if not items or not all(isinstance(x, int) and not isinstance(x, bool) and x in rng for x in items):
+        raise DistillationConfigError(f"{key}={value} must be whole numbers {rng.text} separated by commas, e.g. "
+                                      f"{key}={example}.")
+    return tuple(items)
+
+
 _DECLARED = re.compile(r"^(\w+):[^#]*#\s*\((float|int)\s+([^)]+)\)")
 
 

@@ -726,7 +726,7 @@ PROFILE_COUNTS = {"epochs": ">= 1", "teacher_epochs": ">= 1", "cls_teacher_epoch
 def check_profile_fields(updates: dict, profile: str) -> None:
     """The fields given on the command line, in place: seeds and the counts as ints, each in its range, before
     anything is trained (a wrong one would otherwise fail inside a run, after the teacher has started)."""
-    from yolokd.config import DistillationConfigError, check_number
+    from yolokd.config import check_number, check_whole_numbers
 
     shipped = PROFILES[profile]
     for key, allowed in PROFILE_COUNTS.items():
@@ -734,11 +734,7 @@ def check_profile_fields(updates: dict, profile: str) -> None:
             updates[key] = check_number(key, updates[key], int, allowed,
                                         f" (profile={profile} has {getattr(shipped, key)})")
     if "seeds" in updates:
-        seeds = tuple(int(x) if isinstance(x, str) and x.strip().isdigit() else x for x in updates["seeds"])
-        if not seeds or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in seeds):
-            raise DistillationConfigError(f"seeds={','.join(map(str, seeds))} must be integers >= 0 separated by "
-                                          "commas, e.g. seeds=0,1,2.")
-        updates["seeds"] = seeds
+        updates["seeds"] = check_whole_numbers("seeds", updates["seeds"], ">= 0", "0,1,2")
     if "fraction" in updates:
         updates["fraction"] = check_number("fraction", updates["fraction"], float, "in (0, 1]",
                                            ": the share of the train images every run trains on")
@@ -762,10 +758,9 @@ def cmd_gains(argv: list[str]) -> int:
     p = PROFILES[name]
     fields = set(Profile.__dataclass_fields__)
     updates = {k: a.pop(k) for k in list(a) if k in fields}
-    for k in ("methods", "seeds"):
-        if k in updates:
-            v = updates[k]
-            updates[k] = tuple(v.split(",") if isinstance(v, str) else v if isinstance(v, (list, tuple)) else [v])
+    if "methods" in updates:
+        v = updates["methods"]
+        updates["methods"] = tuple(v.split(",") if isinstance(v, str) else v if isinstance(v, (list, tuple)) else [v])
     check_profile_fields(updates, name)
     for m in updates.get("methods", ()):
         if m != NULL_ROW:

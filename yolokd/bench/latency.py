@@ -355,7 +355,7 @@ val of the runtime's own artefact). Writes benchmark.csv, benchmark.md and bench
 
 def cmd_benchmark(argv: list[str]) -> int:
     """`yolokd latency models=... data=...`: see BENCHMARK_HELP."""
-    from yolokd.config import check_number, closest, parse_kv
+    from yolokd.config import check_number, check_whole_numbers, closest, parse_kv
 
     a = parse_kv(argv)
     models = a.pop("models", None) or a.pop("model", None)
@@ -364,11 +364,7 @@ def cmd_benchmark(argv: list[str]) -> int:
     if isinstance(models, str):
         models = models.split(",")
     models = list(models) if isinstance(models, (list, tuple)) else [models]
-    batch = a.pop("batch", (1, 8))
-    sizes = str(batch).split(",") if isinstance(batch, (str, int)) else batch
-    if not all(str(b).strip().isdigit() and int(b) >= 1 for b in sizes):
-        raise SyntaxError(f"batch={batch}: give batch sizes as whole numbers >= 1, e.g. batch=1,8")
-    batch = tuple(int(b) for b in sizes)
+    batch = check_whole_numbers("batch", a.pop("batch", (1, 8)), ">= 1", "1,8")
     counts = {"imgsz": ">= 32", "warmup": ">= 0", "iters": ">= 1", "workers": ">= 0"}
     a.update({k: check_number(k, a[k], int, allowed) for k, allowed in counts.items() if a.get(k) is not None})
     known = {"data", "imgsz", "runtimes", "warmup", "iters", "out", "val", "workers"}

@@ -213,7 +213,6 @@ def cmd_crops(argv: list[str]) -> int:
         raise SyntaxError("data= is required, e.g. yolokd crops data=coco8.yaml out=datasets/coco8-crops")
     data = str(args["data"])
     out = args.get("out") or Path("crops") / Path(data).stem
-
     make_crops(data, out, pad=args.get("pad", 0.0), imgsz=args.get("imgsz"), min_size=args.get("min_size", 2),
                fraction=args.get("fraction", 1.0))
     print(f"Train a classifier teacher on it:  yolo classify train model=yolov8n-cls.yaml data={out} "
