@@ -167,7 +167,8 @@ def test_detector_as_cls_teacher_is_refused(tmp_path):
         load_cls_teacher(det)
 
 
-@pytest.mark.parametrize("spec,words", [("yolov8n-cls.yaml", "without weights"), ("nowhere/cls.pt", "not found")])
+@pytest.mark.parametrize("spec,words", [("yolov8n-cls.yaml", "without weights"), ("nowhere/cls.pt", "not found"),
+                                        ("auto", "cls_teacher=auto is trained by `yolokd train` before its run")])
 def test_untrained_or_missing_cls_teacher_is_refused(spec, words):
     with pytest.raises(DistillationConfigError, match=words):
         load_cls_teacher(spec)
@@ -305,3 +306,28 @@ def test_end_to_end_crops_classifier_student(cfg, crop_classifier, tiny_data, tr
     for col in ("train/kd_loss", "train/dicod_cls", "train/dicod_loc"):
         assert all(math.isfinite(r[col]) and r[col] > 0 for r in rows), (col, rows)
     assert all(r["val/kd_loss"] == 0 for r in rows)
+
+
+def test_cls_teacher_auto_is_trained_once_before_the_run_and_reused(tiny_data, tmp_path, monkeypatch):
+    """`cls_teacher=auto`: the crops and a yolov8n-cls trained on them before the run (its folder made after every
+    check passed), its path saved in the run's arguments (so a resume finds it); a second run on the same data
+    reuses it instead of training again."""
+    import yolokd.methods.dicod as dicod
+    from ultralytics.nn.tasks import ClassificationModel, load_checkpoint
+
+    from yolokd.data.synthetic import SYNTHETIC_NAMES
+    from yolokd.trainer import DistillationTrainer
+
+    monkeypatch.setattr(dicod, "AUTO_EPOCHS", 1)
+    args = dict(model="yolov8n.yaml", data=tiny_data, method="dicod", cls_teacher="auto", project=str(tmp_path),
+                epochs=1, imgsz=64, batch=8, workers=0, device="cpu", plots=False)
+    first = DistillationTrainer(overrides={**args, "name": "a"})
+    best = Path(first.args.cls_teacher)
+    assert best.name == "best.pt" and best.parent.parent.parent.name.startswith("cls_teacher-")
+    model, _ = load_checkpoint(best)
+    assert isinstance(model, ClassificationModel) and sorted(model.names.values()) == sorted(SYNTHETIC_NAMES.values())
+    stamp = best.stat().st_mtime_ns
+    second = DistillationTrainer(overrides={**args, "name": "b"})
+    assert Path(second.args.cls_teacher) == best and best.stat().st_mtime_ns == stamp  # reused, not retrained
+    with pytest.raises(DistillationConfigError, match="cls_teacher=auto trains the classifier teacher on the GT"):
+        DistillationTrainer(overrides={k: v for k, v in args.items() if k != "data"})
