@@ -127,8 +127,9 @@ def auto_cls_teacher(data: str, args: dict) -> Path:
     LOGGER.info(f"{colorstr('yolokd:')} cls_teacher=auto: training the classifier teacher of {label} "
                 f"(yolov8n-cls, {AUTO_EPOCHS} epochs at {DEFAULT_CROP} px on its GT crops) into {home}; the next run "
                 "on the same data reuses it")
-    share = args.get("fraction") or 1.0  # Ultralytics also takes a count of images (> 1): then the crops of all
-    make_crops(str(path), home / "crops", imgsz=DEFAULT_CROP, fraction=share if share <= 1 else 1.0)
+    share = args.get("fraction")  # a share of the train images; for Ultralytics' other forms (a count, a list), all
+    share = share if isinstance(share, (int, float)) and 0 < share <= 1 else 1.0
+    make_crops(str(path), home / "crops", imgsz=DEFAULT_CROP, fraction=share)
     same = {k: args[k] for k in ("device", "batch", "workers", "seed") if args.get(k) is not None}
     YOLO("yolov8n-cls.yaml").train(data=str(home / "crops"), imgsz=DEFAULT_CROP, epochs=AUTO_EPOCHS, project=str(home),
                                    name="train", exist_ok=True, plots=False, **same)
