@@ -45,7 +45,6 @@ from yolokd.data.checks import check_dataset, load_dataset
 from yolokd.data.synthetic import resolve_data
 from yolokd.explain import EpochFigures, plot_kd_results
 from yolokd.methods.base import MethodSet, check_adapter_init, get_method, parse_methods
-from yolokd.methods.dicod import AUTO, auto_cls_teacher
 from yolokd.taps import strip_taps
 
 DEFAULT_METHOD = "ld"  # the method that beat the plain student in docs/benchmarks.md
@@ -85,12 +84,8 @@ class DistillationTrainer(DetectionTrainer):
             if data is not None:  # what the dataset holds, before Ultralytics creates the run folder
                 check_dataset(data, str(overrides["data"]))
             self._preflight = self._check_inputs(overrides, data)
-            if overrides.get("cls_teacher") == AUTO and "dicod" in resolve_method_names(overrides.get("method"),
-                                                                                     overrides.get("teacher")):
-                if data is None:
-                    raise DistillationConfigError("cls_teacher=auto trains the classifier teacher on the GT crops of "
-                                                  "the run's data: add data=path/to/data.yaml.")
-                overrides["cls_teacher"] = str(auto_cls_teacher(overrides["data"], overrides))
+            for name in resolve_method_names(overrides.get("method"), overrides.get("teacher")):
+                get_method(name).prepare_inputs(overrides, data)  # e.g. DICOD's cls_teacher=auto, trained now
         if overrides.get("method") == BUILTIN and not overrides.get("resume"):
             overrides["distill_model"] = overrides["teacher"]  # Ultralytics loads and wraps the teacher itself
         super().__init__(base, overrides, _callbacks)

@@ -119,6 +119,11 @@ class DistillMethod(nn.Module):
         for key, allowed in cls.choices.items():
             check_choice(f"{cls.name}_{key}", args.get(f"{cls.name}_{key}"), allowed)
 
+    @classmethod
+    def prepare_inputs(cls, args: dict, data: dict | None) -> None:
+        """After every check has passed and before the run folder exists: make what the method's arguments ask to be
+        made (DICOD's `cls_teacher=auto`), and point `args` at it, in place. Default: nothing."""
+
     def fit_adapters(self, s: Features, t: Features) -> None:
         """Least-squares initialisation of the method's 1x1 aligners (`aligned`), and of those of the methods it
         holds (rmpfi), on one batch (see `fit_aligner`)."""

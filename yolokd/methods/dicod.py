@@ -242,10 +242,19 @@ class DICOD(DistillMethod):
         """The classifier teacher exists, is a classifier, and knows the dataset's classes (`cls_teacher=auto`: it is
         trained after every check has passed, from the dataset's own classes)."""
         if args.get("cls_teacher") == AUTO:
+            if data is None:
+                raise DistillationConfigError("cls_teacher=auto trains the classifier teacher on the GT crops of the "
+                                              "run's data: add data=path/to/data.yaml.")
             return
         model, _ = load_cls_teacher(args.get("cls_teacher"))
         if data is not None:
             check_cls_teacher_names(model, data["names"])
+
+    @classmethod
+    def prepare_inputs(cls, args: dict, data: dict | None) -> None:
+        """`cls_teacher=auto`: train the classifier teacher now (`auto_cls_teacher`) and pass its path on."""
+        if args.get("cls_teacher") == AUTO:
+            args["cls_teacher"] = str(auto_cls_teacher(args["data"], args))
 
     def __init__(self, student: Features, teacher: Features | None, *, cls_teacher: str | nn.Module | None, data,
                  temperature: float, cls_weight: float, loc_weight: float, per_gt: int, max_pos: int,
