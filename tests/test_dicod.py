@@ -16,6 +16,7 @@ from yolokd.methods.dicod import (
     capped_positives,
     check_cls_teacher_names,
     classifier_logits,
+    cls_teacher_crops,
     early_features,
     kd_cls_loss,
     kd_loc_loss,
@@ -331,3 +332,24 @@ def test_cls_teacher_auto_is_trained_once_before_the_run_and_reused(tiny_data, t
     assert Path(second.args.cls_teacher) == best and best.stat().st_mtime_ns == stamp  # reused, not retrained
     with pytest.raises(DistillationConfigError, match="cls_teacher=auto trains the classifier teacher on the GT"):
         DistillationTrainer(overrides={k: v for k, v in args.items() if k != "data"})
+
+
+def test_cls_teacher_crops_keeps_a_finished_cut_and_redoes_a_half_written_one(tiny_data, tmp_path):
+    """The classifier teacher's crops (shared by `cls_teacher=auto` and the benchmark): cut at `DEFAULT_CROP` px; a
+    finished cut is reused untouched; a folder a killed cut left without its marker is cut again (make_crops alone
+    refuses a non-empty folder without the marker)."""
+    from PIL import Image
+
+    from yolokd.data.crops import MARKER
+    from yolokd.methods.dicod import DEFAULT_CROP
+
+    out = tmp_path / "crops"
+    (out / "train" / "circle").mkdir(parents=True)
+    (out / "train" / "circle" / "partial.png").write_bytes(b"")  # what a killed cut leaves: no marker
+    assert cls_teacher_crops(tiny_data, out) == out and (out / MARKER).exists()
+    assert not (out / "train" / "circle" / "partial.png").exists()
+    some = next((out / "train").rglob("*.png"))
+    assert Image.open(some).size == (DEFAULT_CROP, DEFAULT_CROP)
+    stamp = (out / MARKER).stat().st_mtime_ns
+    cls_teacher_crops(tiny_data, out)
+    assert (out / MARKER).stat().st_mtime_ns == stamp  # kept, not cut again

@@ -380,16 +380,15 @@ def _exit_with_parent() -> None:
 
 
 def cls_teacher_run(p: Profile) -> str:
-    """DICOD's classifier teacher: GT crops of the training data, then a yolov8n-cls trained on them."""
-    from yolokd.data.crops import MARKER, make_crops
+    """DICOD's classifier teacher, made as `cls_teacher=auto` makes it (`methods.dicod`: the same crops, model and
+    crop size) but for the profile's `cls_teacher_epochs`, as one of the benchmark's resumable runs."""
+    from yolokd.methods.dicod import CLS_TEACHER_MODEL, DEFAULT_CROP, cls_teacher_crops
 
-    crops = Path(p.out).resolve() / "crops"
-    if not (crops / MARKER).exists():
-        make_crops(resolve_data(p.data), crops, imgsz=64, fraction=p.fraction)
-    args = p.run_args(epochs=p.cls_teacher_epochs, seed=0, imgsz=64)
+    crops = cls_teacher_crops(resolve_data(p.data), Path(p.out).resolve() / "crops", fraction=p.fraction)
+    args = p.run_args(epochs=p.cls_teacher_epochs, seed=0, imgsz=DEFAULT_CROP)
     args["data"] = str(crops)
     args.pop("fraction", None)  # the crops already come from the profile's share of the train images
-    return train_run("cls_teacher", "yolov8n-cls.yaml", args, detector=False)["best"]
+    return train_run("cls_teacher", CLS_TEACHER_MODEL, args, detector=False)["best"]
 
 
 def overhead_run(p: Profile, results: dict) -> dict[str, float]:

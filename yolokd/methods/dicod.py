@@ -45,13 +45,14 @@ from yolokd.methods.dicod_ops import crop_boxes
 from yolokd.taps import Assignment, Features
 
 DEFAULT_CROP = 64
+CLS_TEACHER_MODEL = "yolov8n-cls.yaml"  # the classifier teacher yolokd trains (cls_teacher=auto, the benchmark)
 AUTO = "auto"  # cls_teacher=auto: yolokd trains the classifier teacher itself, before the run (`auto_cls_teacher`)
 AUTO_EPOCHS = 30  # the scratch benchmark's classifier teacher: 89.5 % top-1 on data=synthetic's val crops
 _HOWTO = (
     "Pass cls_teacher=auto to have yolokd train one on the detection data's object crops first (a yolov8n-cls, "
-    f"{AUTO_EPOCHS} epochs at 64 px), or train your own: `yolokd crops data=<data.yaml> out=crops imgsz=64`, then "
-    "`yolo classify train model=yolov8n-cls.yaml data=crops imgsz=64`, and pass "
-    "cls_teacher=runs/classify/train/weights/best.pt."
+    f"{AUTO_EPOCHS} epochs at {DEFAULT_CROP} px), or train your own: `yolokd crops data=<data.yaml> out=crops "
+    f"imgsz={DEFAULT_CROP}`, then `yolo classify train model={CLS_TEACHER_MODEL} data=crops imgsz={DEFAULT_CROP}`, "
+    "and pass cls_teacher=runs/classify/train/weights/best.pt."
 )
 
 
@@ -105,16 +106,28 @@ def load_cls_teacher(spec: str | Path | None) -> tuple[nn.Module, int | None]:
     return model, int(max(imgsz) if isinstance(imgsz, (list, tuple)) else imgsz) if imgsz else None
 
 
+def cls_teacher_crops(data: str, out: Path, fraction: float = 1.0) -> Path:
+    """The classifier teacher's training set: the GT crops of `data` (its first `fraction` of train images) at
+    `DEFAULT_CROP` px, cut into `out`, a folder yolokd owns. A finished cut there is kept; one left half-written by a
+    killed run is cut again."""
+    import shutil
+
+    from yolokd.data.crops import MARKER, make_crops
+
+    if not (out / MARKER).exists():
+        shutil.rmtree(out, ignore_errors=True)
+        make_crops(data, out, imgsz=DEFAULT_CROP, fraction=fraction)
+    return out
+
+
 def auto_cls_teacher(data: str, args: dict) -> Path:
     """`cls_teacher=auto`: the classifier teacher of `data` (a resolved data yaml), trained here as `_HOWTO` describes
-    (GT crops at 64 px, then a yolov8n-cls for `AUTO_EPOCHS` epochs on the run's device and batch) into
+    (`cls_teacher_crops`, then a `CLS_TEACHER_MODEL` for `AUTO_EPOCHS` epochs on the run's device and batch) into
     `<project>/cls_teacher-<data>-<hash of its path>/`, or the one a finished earlier run left there."""
     import hashlib
 
     from ultralytics import YOLO
     from ultralytics.utils import LOGGER, SETTINGS, colorstr
-
-    from yolokd.data.crops import make_crops
 
     path = Path(data).resolve()
     label = path.parent.name if path.stem == "data" else path.stem  # a dataset's folder names it better than data.yaml
@@ -125,14 +138,14 @@ def auto_cls_teacher(data: str, args: dict) -> Path:
         LOGGER.info(f"{colorstr('yolokd:')} cls_teacher=auto: the classifier teacher of {label}, {best}")
         return best
     LOGGER.info(f"{colorstr('yolokd:')} cls_teacher=auto: training the classifier teacher of {label} "
-                f"(yolov8n-cls, {AUTO_EPOCHS} epochs at {DEFAULT_CROP} px on its GT crops) into {home}; the next run "
-                "on the same data reuses it")
+                f"({Path(CLS_TEACHER_MODEL).stem}, {AUTO_EPOCHS} epochs at {DEFAULT_CROP} px on its GT crops) into "
+                f"{home}; the next run on the same data reuses it")
     share = args.get("fraction")  # a share of the train images; for Ultralytics' other forms (a count, a list), all
     share = share if isinstance(share, (int, float)) and 0 < share <= 1 else 1.0
-    make_crops(str(path), home / "crops", imgsz=DEFAULT_CROP, fraction=share)
+    crops = cls_teacher_crops(str(path), home / "crops", fraction=share)
     same = {k: args[k] for k in ("device", "batch", "workers", "seed") if args.get(k) is not None}
-    YOLO("yolov8n-cls.yaml").train(data=str(home / "crops"), imgsz=DEFAULT_CROP, epochs=AUTO_EPOCHS, project=str(home),
-                                   name="train", exist_ok=True, plots=False, **same)
+    YOLO(CLS_TEACHER_MODEL).train(data=str(crops), imgsz=DEFAULT_CROP, epochs=AUTO_EPOCHS, project=str(home),
+                                  name="train", exist_ok=True, plots=False, **same)
     done.write_text(f"{best}\n")
     return best
 
