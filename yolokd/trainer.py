@@ -84,8 +84,6 @@ class DistillationTrainer(DetectionTrainer):
             if data is not None:  # what the dataset holds, before Ultralytics creates the run folder
                 check_dataset(data, str(overrides["data"]))
             self._preflight = self._check_inputs(overrides, data)
-            for name in resolve_method_names(overrides.get("method"), overrides.get("teacher")):
-                get_method(name).prepare_inputs(overrides, data)  # e.g. DICOD's cls_teacher=auto, trained now
         if overrides.get("method") == BUILTIN and not overrides.get("resume"):
             overrides["distill_model"] = overrides["teacher"]  # Ultralytics loads and wraps the teacher itself
         super().__init__(base, overrides, _callbacks)
@@ -113,8 +111,9 @@ class DistillationTrainer(DetectionTrainer):
         return [] if names == [BUILTIN] else names
 
     def _check_inputs(self, overrides: dict, data: dict | None) -> tuple | None:
-        """Every check of the distillation's inputs (`data`: the checked dataset dict, or None), before Ultralytics
-        creates the run folder. Returns (teacher, student) or None."""
+        """Every check of the distillation's inputs (`data`: the checked dataset dict, or None), then what each method
+        makes of them once all passed (`prepare_inputs`, e.g. DICOD's cls_teacher=auto), before Ultralytics creates
+        the run folder. Returns (teacher, student) or None."""
         _, kd = split_kd_args(overrides)
         check_kd_values(kd)
         teacher_spec = kd.get("teacher")
@@ -141,6 +140,8 @@ class DistillationTrainer(DetectionTrainer):
         student = load_detector(student_spec, "student", nc=data and data["nc"]) if student_spec else None
         if teacher is not None and student is not None:
             check_strides(student, teacher)
+        for n in names:
+            get_method(n).prepare_inputs(overrides, data)
         return teacher, student
 
     # ---------------------------------------------------------------- model, teacher, adapters
