@@ -353,15 +353,17 @@ def finished_results(p: Profile) -> dict:
     trained. Raises `DistillationConfigError` naming each run that has not finished and the epochs it holds."""
     from yolokd.config import DistillationConfigError
 
-    names = ["teacher", *(["student_init"] if p.student_init_epochs > 0 else []),
-             *(["cls_teacher"] if p.needs_cls_teacher else []),
-             *(p.run_name(m, s) for s in p.seeds for m in ("plain", *p.methods))]
-    results = {name: _finished(p.out, name) for name in names}
+    shared = ["teacher", *(["student_init"] if p.student_init_epochs > 0 else []),
+              *(["cls_teacher"] if p.needs_cls_teacher else [])]
+    per_seed = {s: [p.run_name(m, s) for m in ("plain", *p.methods)] for s in p.seeds}
+    results = {name: _finished(p.out, name) for name in [*shared, *(n for names in per_seed.values() for n in names)]}
     missing = [f"{name} ({epochs_done(Path(p.out) / name)} epochs)" for name, rec in results.items() if rec is None]
     if missing:
+        done = [str(s) for s, names in per_seed.items() if all(results[n] for n in [*shared, *names])]
+        partial = f" Every run of seeds {','.join(done)} has finished: add seeds={','.join(done)} for their table."
         raise DistillationConfigError(f"report=true writes the table from finished runs only; not finished in "
                                       f"{p.out}: {', '.join(missing)}. Run the same command without report=true to "
-                                      "train them.")
+                                      f"train them.{partial if done else ''}")
     if "cls_teacher" in results:  # as `run_all` gives it: the checkpoint only (its accuracy is not a row)
         results["cls_teacher"] = {"best": results["cls_teacher"]["best"]}
     return results
@@ -714,7 +716,8 @@ gain is run-to-run noise alone, the spread a method's gain must stand out from (
 With it, a second table gives each row's paired gain over the mean of its seed's plain and null runs.
 Any other key is a train argument of every run (Ultralytics' or yolokd's, e.g. kd_max_ratio=0).
 report=true writes the table from the runs that have finished and trains nothing; while any run of the command has
-not finished, it names them (with the epochs each holds) and stops. The command above the table omits it.
+not finished, it names them (with the epochs each holds) and the seeds whose runs have all finished (seeds= with
+those gives their table), and stops. The command above the table omits it.
 """
 
 
