@@ -359,11 +359,14 @@ def finished_results(p: Profile) -> dict:
     results = {name: _finished(p.out, name) for name in [*shared, *(n for names in per_seed.values() for n in names)]}
     missing = [f"{name} ({epochs_done(Path(p.out) / name)} epochs)" for name, rec in results.items() if rec is None]
     if missing:
-        done = [str(s) for s, names in per_seed.items() if all(results[n] for n in [*shared, *names])]
-        partial = f" Every run of seeds {','.join(done)} has finished: add seeds={','.join(done)} for their table."
+        shared_done = all(results[n] for n in shared)
+        done = [str(s) for s, names in per_seed.items() if shared_done and all(results[n] for n in names)]
+        hint = ""
+        if done:
+            hint = f" Every run of seeds {','.join(done)} has finished: add seeds={','.join(done)} for their table."
         raise DistillationConfigError(f"report=true writes the table from finished runs only; not finished in "
                                       f"{p.out}: {', '.join(missing)}. Run the same command without report=true to "
-                                      f"train them.{partial if done else ''}")
+                                      f"train them.{hint}")
     if "cls_teacher" in results:  # as `run_all` gives it: the checkpoint only (its accuracy is not a row)
         results["cls_teacher"] = {"best": results["cls_teacher"]["best"]}
     return results
