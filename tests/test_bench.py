@@ -30,6 +30,10 @@ def test_summary_pairs_by_seed_and_computes_gap_closed():
     one = Profile(methods=("dfd",), seeds=(0,))
     md = markdown(one, results, summarize(one, results))
     assert "it needs at least 2 seeds" in md and "nan" not in md.lower()
+    fifteen = Profile(methods=("dfd",), seeds=tuple(range(15)))  # Student's t, 14 degrees of freedom: 1.761
+    results = {"teacher": rec(0.5), **{f"{r}_s{s}": rec(0.2 + 0.01 * s + (0.01 if r == "dfd" else 0) * (s % 3 > 0))
+                                       for r in ("plain", "dfd") for s in range(15)}}
+    assert "needs t > 1.76 with 15 seeds" in markdown(fifteen, results, summarize(fifteen, results))
 
 
 def test_a_composition_is_paired_with_its_last_part_too():
