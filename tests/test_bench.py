@@ -296,20 +296,28 @@ def test_the_null_row_is_plain_nudged_in_lrf_shared_by_every_variant_and_a_secon
     assert "null:" not in md and "Against both" not in md
 
 
-@pytest.mark.parametrize("n_rows", [1, 2, 12])
-def test_gain_figure_title_fits_however_few_rows(n_rows):
-    """With one or two rows the figure once was narrower than its title, which came out cut off."""
+@pytest.mark.parametrize("n_rows,n_seeds", [(1, 5), (2, 5), (12, 5), (1, 15)])
+def test_gain_figure_title_fits_however_few_rows(n_rows, n_seeds):
+    """With one or two rows the figure once was narrower than its title, which came out cut off; with 15 seeds
+    listed one by one, too."""
     import matplotlib.pyplot as plt
 
     from yolokd.bench.gains import gain_figure
 
     rows = [{"student": "plain", "label": "plain", "gain": []}] + [
-        {"student": f"m{i}", "label": f"m{i}", "gain": [0.01, -0.02, 0.03, 0.0, 0.02]} for i in range(n_rows)]
-    fig = gain_figure(rows, seeds=(0, 1, 2, 3, 4))
+        {"student": f"m{i}", "label": f"m{i}", "gain": [0.01, -0.02, 0.03, 0.0, 0.02][:n_seeds]} for i in range(n_rows)]
+    fig = gain_figure(rows, seeds=tuple(range(n_seeds)))
     renderer = fig.canvas.get_renderer()
     title, page = fig.axes[0].title.get_window_extent(renderer), fig.bbox
     assert page.x0 <= title.x0 and title.x1 <= page.x1 and title.y1 <= page.y1
     plt.close(fig)
+
+
+def test_seed_ranges_in_titles():
+    from yolokd.bench.gains import seed_ranges
+
+    assert seed_ranges((0, 1, 2)) == "0–2" and seed_ranges(tuple(range(15))) == "0–14"
+    assert seed_ranges((4, 0, 1, 7, 9, 10, 11)) == "0, 1, 4, 7, 9–11" and seed_ranges((3,)) == "3"
 
 
 def test_a_fade_variant_forks_where_it_starts_to_differ():

@@ -621,6 +621,17 @@ def plot(rows: list[dict], seeds: tuple[int, ...], path: Path) -> None:
     plt.close(fig)
 
 
+def seed_ranges(seeds: tuple[int, ...]) -> str:
+    """`0–4, 7, 9–14` for seeds (0, 1, 2, 3, 4, 7, 9, ..., 14): a title that stays short however many seeds ran."""
+    runs = []
+    for s in sorted(seeds):
+        if runs and s == runs[-1][1] + 1:
+            runs[-1][1] = s
+        else:
+            runs.append([s, s])
+    return ", ".join(str(a) if a == b else f"{a}, {b}" if b == a + 1 else f"{a}–{b}" for a, b in runs)
+
+
 def gain_figure(rows: list[dict], seeds: tuple[int, ...]):
     """Paired gain over the plain student per row: one point per seed, the mean as a bar, zero as a line.
 
@@ -640,7 +651,7 @@ def gain_figure(rows: list[dict], seeds: tuple[int, ...]):
     ax.axhline(0.0, color="tab:gray", linewidth=1)
     ax.set_xticks(range(len(rows)), [r["label"] for r in rows], rotation=40, ha="right")
     ax.set_ylabel("mAP50-95 gain over plain (paired by seed)")
-    ax.set_title(f"one point per seed ({', '.join(map(str, seeds))})\nbar = mean", fontsize=10)
+    ax.set_title(f"one point per seed ({seed_ranges(seeds)})\nbar = mean", fontsize=10)
     fig.tight_layout()
     return fig
 
