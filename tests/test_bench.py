@@ -297,7 +297,7 @@ def test_the_null_row_is_plain_nudged_in_lrf_shared_by_every_variant_and_a_secon
 
 
 @pytest.mark.parametrize("n_rows,n_seeds", [(1, 5), (2, 5), (12, 5), (1, 15)])
-def test_gain_figure_title_fits_however_few_rows(n_rows, n_seeds):
+def test_gain_figure_title_fits_however_few_rows_or_many_seeds(n_rows, n_seeds):
     """With one or two rows the figure once was narrower than its title, which came out cut off; with 15 seeds
     listed one by one, too."""
     import matplotlib.pyplot as plt
