@@ -324,11 +324,17 @@ def test_a_fade_variant_forks_where_it_starts_to_differ():
     from yolokd.bench.gains import fork_epoch
 
     fade = Profile(epochs=30, variant="f", train_args={"kd_fade": 0.33})
-    assert fork_epoch(fade) == 20  # factor (29 - 19) / 9.9 >= 1 at epoch index 19, 9 / 9.9 < 1 at 20
-    assert fork_epoch(replace(fade, epochs=8, train_args={"kd_fade": 0.5})) == 4  # 4 at 1, then 0.75, ... (docstring)
-    assert fork_epoch(replace(fade, variant="")) == 0  # not a variant: nothing to pair
-    assert fork_epoch(replace(fade, train_args={"kd_fade": 0})) == 0
-    assert fork_epoch(replace(fade, train_args={"kd_fade": 0.33, "kd_ramp": 0.2})) == 0  # differs from epoch 1
+    assert fork_epoch(fade, "dfd") == 20  # factor (29 - 19) / 9.9 >= 1 at epoch index 19, 9 / 9.9 < 1 at 20
+    assert fork_epoch(replace(fade, epochs=8, train_args={"kd_fade": 0.5}), "dfd") == 4  # 4 at 1, then 0.75, ...
+    assert fork_epoch(replace(fade, variant=""), "dfd") == 0  # not a variant: nothing to pair
+    assert fork_epoch(replace(fade, train_args={"kd_fade": 0}), "dfd") == 0
+    assert fork_epoch(replace(fade, train_args={"kd_fade": 0.33, "kd_ramp": 0.2}), "dfd") == 0  # differs from epoch 1
+    # rmpfi fades on its own from epoch index 15 ((29 - 15) / 15 < 1): a variant of 0.33 differs from there on, one
+    # of 0 (its constant weights) too, and one of 0.5 never (the row as shipped again: trained whole)
+    assert fork_epoch(fade, "rmpfi") == fork_epoch(fade, "rmpfi+ld") == 15
+    assert fork_epoch(replace(fade, train_args={"kd_fade": 0}), "rmpfi") == 15
+    assert fork_epoch(replace(fade, train_args={"kd_fade": 0.5}), "rmpfi") == 0
+    assert fork_epoch(fade, "ld") == 0  # no capped term: a fade changes nothing
 
 
 @pytest.mark.slow
@@ -368,5 +374,5 @@ def test_a_fade_variant_is_trained_from_its_shipped_runs_fork(tmp_path, tiny_dat
     time = [[float(line.split(",")[1]) for line in r[1:]] for r in rows]
     assert all(t[2] < t[1] for t in time)  # both resumed at epoch 3 (Ultralytics restarts the clock)
     args = [yaml.safe_load((r / "args.yaml").read_text()) for r in (shipped, faded)]  # as resumed
-    assert (args[0].get("kd_fade", 0), args[1]["kd_fade"], args[1]["name"]) == (0, 0.33, "pfi-fade_s0")
+    assert (args[0].get("kd_fade"), args[1]["kd_fade"], args[1]["name"]) == (None, 0.33, "pfi-fade_s0")
     assert "vs pfi as shipped, 0/1" in md.read_text() or "vs pfi as shipped, 1/1" in md.read_text()

@@ -282,11 +282,64 @@ def test_kd_fade_scales_capped_terms_only():
     from yolokd.criterion import scale_terms
 
     terms = terms_of({"dfd_hd": torch.tensor(3.0), "dfd_ld": torch.tensor(1.0)}, {"ld_cls": torch.tensor(5.0)})
-    out, _ = scale_terms(terms, task=torch.tensor(8.0), max_ratio=0.25, weight=0.5)
+    out, _ = scale_terms(terms, task=torch.tensor(8.0), max_ratio=0.25, schedule=lambda fade: 0.5)
     assert out["ld_cls"] is terms["ld_cls"].value  # task-scaled terms are never faded
     assert out["dfd_hd"].item() == pytest.approx(0.75) and out["dfd_ld"].item() == pytest.approx(0.25)  # cap, then x 0.5
-    no_cap, _ = scale_terms(terms_of({"a": torch.tensor(2.0)}), task=torch.tensor(1.0), max_ratio=0.0, weight=0.25)
+    no_cap, _ = scale_terms(terms_of({"a": torch.tensor(2.0)}), task=torch.tensor(1.0), max_ratio=0.0,
+                            schedule=lambda fade: 0.25)
     assert no_cap["a"].item() == pytest.approx(0.5)  # the fade acts without the cap too
+
+
+def test_each_term_fades_by_its_own_methods_fade():
+    """rmpfi (fade 0.5) beside dfd (no fade) at epoch 7 of 8: the cap is set by the sum of both, then only rmpfi's
+    term is lowered, by schedule_factor(6, 8, 0, 0.5) = 1/4 (hand-computed: 8 epochs, fade over the last 4)."""
+    from functools import partial
+
+    from yolokd.criterion import scale_terms, schedule_factor
+    from yolokd.methods.base import Term
+
+    terms = {"rmpfi_pfi": Term(torch.tensor(3.0), fade=0.5), "dfd_hd": Term(torch.tensor(1.0), fade=0.0),
+             "ld_cls": Term(torch.tensor(5.0), capped=False, fade=0.5)}
+    out, scale = scale_terms(terms, task=torch.tensor(8.0), max_ratio=0.25, schedule=partial(schedule_factor, 6, 8, 0.0))
+    assert scale.item() == pytest.approx(0.5)  # cap 2 over a sum of 4, before any fade
+    assert out["rmpfi_pfi"].item() == pytest.approx(3.0 * 0.5 * 0.25) and out["dfd_hd"].item() == pytest.approx(0.5)
+    assert out["ld_cls"].item() == 5.0  # never faded, whatever its method's fade
+
+
+@pytest.mark.parametrize("args,expected", [
+    ({}, {"rmpfi": 0.5, "dfd": 0.0, "pfi": 0.0, "ld": 0.0}),  # the YAMLs': rmpfi's own fade, none elsewhere
+    ({"kd_fade": None}, {"rmpfi": 0.5, "dfd": 0.0}),  # left empty: the same
+    ({"kd_fade": 0.33}, {"rmpfi": 0.33, "dfd": 0.33}),  # given: every method of the run
+    ({"kd_fade": 0}, {"rmpfi": 0.0, "dfd": 0.0}),  # 0 turns rmpfi's off too
+    ({"rmpfi_fade": 0.2}, {"rmpfi": 0.2, "dfd": 0.0}),  # one method's own
+])
+def test_method_fade_is_kd_fade_or_the_methods_own(args, expected):
+    from yolokd.config import method_fade
+
+    assert {m: method_fade(m, args) for m in expected} == expected
+
+
+@pytest.mark.parametrize("overrides,ratio", [({}, 0.25), ({"rmpfi_fade": 0.0}, 1.0), ({"kd_fade": 0.0}, 1.0),
+                                             ({"kd_fade": 0.25}, 0.5)])
+def test_rmpfi_fades_by_default_through_the_criterion(overrides, ratio):
+    """method=rmpfi with the train arguments' defaults: its kd_loss at epoch 7 of 8 is 1/4 of epoch 1's (fade 0.5:
+    factor (8 - 1 - 6) / 4); with its fade off, equal; with kd_fade=0.25, (8 - 1 - 6) / 2 = 1/2."""
+    from types import SimpleNamespace
+
+    from helpers import student_step
+    from yolokd.config import kd_defaults
+
+    args = SimpleNamespace(**{**kd_defaults(), "method": "rmpfi", "kd_max_ratio": 0.0, **overrides})
+    *_, model, _, _, crit = student_step("yolov8n.yaml", ["a", "b", "c"], args, "yolov8n.yaml")
+    torch.manual_seed(1)
+    img = torch.rand(2, 3, 64, 64)
+    batch = {"img": img, "batch_idx": torch.tensor([0.0, 1.0]), "cls": torch.tensor([[0.0], [2.0]]),
+             "bboxes": torch.tensor([[0.3, 0.3, 0.4, 0.3], [0.5, 0.5, 0.6, 0.6]])}
+    kd = {}
+    for epoch in (0, 6):
+        crit.trainer = SimpleNamespace(epoch=epoch, epochs=8)
+        kd[epoch] = crit(model(img), batch)[1]["kd_loss"]
+    assert kd[0] > 0 and kd[6] == pytest.approx(kd[0] * ratio, rel=1e-5)
 
 
 def test_task_scaled_terms_are_ld_only():
@@ -299,3 +352,22 @@ def test_task_scaled_terms_are_ld_only():
     ms = MethodSet(["pfi", "ld"], s, t, type("Args", (), kd_defaults()))
     terms = ms(s, t, c)
     assert {k for k, v in terms.items() if not v.capped} == {"ld_cls", "ld_box"} and terms["pfi"].capped
+
+
+@pytest.mark.parametrize("epochs,said", [
+    (30, ("info", "rmpfi's terms fade linearly to 0 from epoch 16 of 30")),  # (29 - 15) / 15 < 1 from index 15
+    (1, ("warning", "rmpfi's terms fade linearly to 0 from epoch 1 of 1")),  # one epoch: at 0 throughout
+])
+def test_the_trainer_says_when_a_methods_fade_begins(epochs, said, monkeypatch):
+    from types import SimpleNamespace
+
+    from ultralytics.utils import LOGGER
+
+    from yolokd.trainer import DistillationTrainer
+
+    logs = []
+    for level in ("info", "warning"):
+        monkeypatch.setattr(LOGGER, level, lambda msg, *a, level=level, **k: logs.append((level, msg)))
+    run = SimpleNamespace(epochs=epochs, kd_methods=SimpleNamespace(fades={"rmpfi": 0.5, "ld": 0.5, "dfd": 0.0}))
+    DistillationTrainer._log_fades(run)
+    assert len(logs) == 1 and logs[0][0] == said[0] and said[1] in logs[0][1]  # ld is never faded, dfd has no fade

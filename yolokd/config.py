@@ -184,17 +184,20 @@ def check_kd_values(kd: dict[str, Any]) -> None:
     defaults, ranges = kd_defaults(), declared_ranges()
     for key, value in kd.items():
         default = defaults.get(key)
+        if value is None and default is None:  # an empty optional number (kd_fade) left empty
+            continue
+        shown = "empty" if default is None else default
         if isinstance(default, bool):
             ok, kind = isinstance(value, bool), "true or false"
-        elif isinstance(default, (int, float)):
+        elif isinstance(default, (int, float)) or (default is None and key in ranges):  # kd_fade: empty by default
             ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
         else:
             continue
         if not ok:
-            raise DistillationConfigError(f"{key}={value!r} must be {kind} (default: {default}).")
+            raise DistillationConfigError(f"{key}={value!r} must be {kind} (default: {shown}).")
         if key in ranges and (math.isnan(value) or value not in ranges[key]):
             raise DistillationConfigError(f"{key}={value} is out of range: it must be {ranges[key].text} "
-                                          f"(default: {default}).")
+                                          f"(default: {shown}).")
 
 
 def check_train_values(args: dict[str, Any]) -> None:
@@ -210,10 +213,28 @@ def check_train_values(args: dict[str, Any]) -> None:
     check_kd_values(kd)
 
 
+SCHEDULE_KEYS = frozenset({"fade"})  # keys of a method's YAML that the criterion reads (`method_fade`), not the method
+
+
+def _getter(args: dict[str, Any] | Any):
+    return args.get if isinstance(args, dict) else lambda k, d: getattr(args, k, d)
+
+
 def method_hparams(method: str, args: dict[str, Any] | Any) -> dict[str, Any]:
-    """The un-prefixed hyper-parameters of `method` read from train arguments (dict or namespace)."""
-    get = args.get if isinstance(args, dict) else lambda k, d: getattr(args, k, d)
-    return {k: get(f"{method}_{k}", v) for k, v in method_defaults(method).items()}
+    """The un-prefixed hyper-parameters of `method` read from train arguments (dict or namespace): the keys of its
+    YAML that its constructor takes, i.e. all but the `SCHEDULE_KEYS`."""
+    get = _getter(args)
+    return {k: get(f"{method}_{k}", v) for k, v in method_defaults(method).items() if k not in SCHEDULE_KEYS}
+
+
+def method_fade(method: str, args: dict[str, Any] | Any) -> float:
+    """The fade of `method`'s capped terms (`schedule_factor`): `kd_fade` where it is given, for every method of the
+    run; else the method's own `<method>_fade` (a key of its YAML, e.g. rmpfi's 0.5); else 0, no fade."""
+    get = _getter(args)
+    fade = get("kd_fade", None)
+    if fade is None:
+        fade = get(f"{method}_fade", method_defaults(method).get("fade"))
+    return float(fade or 0.0)
 
 
 def parse_kv(argv: list[str]) -> dict[str, Any]:

@@ -17,7 +17,8 @@ How a method's raw term becomes loss, in order (`DistillationLoss.__call__` and 
    the term once), so an inf or NaN never reaches the weights and the cap never multiplies one;
 4. `kd_max_ratio`: the capped terms are scaled by one detached factor so that their sum is at most that share of
    the task loss, never up (column `kd_scale`);
-5. `kd_ramp`, `kd_fade`: the capped terms are multiplied by the epoch's schedule factor (`schedule_factor`);
+5. `kd_ramp` and the fade: each capped term is multiplied by the epoch's schedule factor (`schedule_factor`), with
+   its method's fade (`kd_fade` where given, else the method's own `<method>_fade`: `Term.fade`);
 6. the sum of all terms is `kd_loss`; it is multiplied by the batch size, as Ultralytics' loss vector is, and
    appended to it;
 7. `kd_grad_ratio` (off by default) acts in the backward pass rather than on the loss: the methods with capped terms
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -71,14 +73,15 @@ def schedule_factor(epoch: int, epochs: int, ramp: float, fade: float) -> float:
 
 
 def scale_terms(terms: dict[str, Term], task: torch.Tensor, max_ratio: float,
-                weight: float = 1.0) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+                schedule: Callable[[float], float] = lambda fade: 1.0) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Steps 4-5 of the module docstring: cap, then fade, the `capped` terms; the others pass unchanged.
 
     The cap is a safety valve for loss scale: a paper's weights were tuned for other features (mmdet FPNs, 640 px,
     two-stage heads); with YOLO features the same weights can make the KD term many times the task loss, and the
     student ends worse than without a teacher. The factor is `max_ratio * task / sum(capped)`, at most 1, detached
-    (it scales gradients, not their directions); `max_ratio <= 0` does not cap. `weight` is the schedule's factor
-    (`kd_ramp`, `kd_fade`).
+    (it scales gradients, not their directions); `max_ratio <= 0` does not cap. `schedule(fade)` is the epoch's
+    factor for a term of that fade (`schedule_factor` with `kd_ramp`), applied after the cap: the cap bounds the
+    capped terms' sum, and the fade then lowers each method's terms by its own factor.
 
     Returns:
         the terms' values, and the cap's factor (a detached scalar, 1 when the cap does not bind or is off), which
@@ -89,7 +92,7 @@ def scale_terms(terms: dict[str, Term], task: torch.Tensor, max_ratio: float,
     if capped and max_ratio > 0:
         kd = torch.stack(capped).sum().detach()
         scale = (max_ratio * task.detach() / kd.clamp_min(1e-12)).clamp(max=1.0)
-    return {k: t.value * (scale * weight) if t.capped else t.value for k, t in terms.items()}, scale
+    return {k: t.value * (scale * schedule(t.fade)) if t.capped else t.value for k, t in terms.items()}, scale
 
 
 class _Gate(torch.autograd.Function):
@@ -211,9 +214,10 @@ class DistillationLoss:
         methods: the methods to apply (owns the adapters).
         teacher: the frozen teacher detector (eval mode), or None for teacher-free methods (DICOD).
         teacher_taps: taps on the teacher.
-        trainer: read for `epoch` / `epochs` only.
+        trainer: read for `epoch` / `epochs` only (the schedule's); without one the terms keep their full weights.
         max_ratio: `kd_max_ratio` (see `scale_terms`).
-        ramp, fade: `kd_ramp`, `kd_fade` (see `schedule_factor`); like the cap, they act on the capped terms only.
+        ramp: `kd_ramp` (see `schedule_factor`); like the cap and each method's fade (`Term.fade`), it acts on the
+            capped terms only.
         one2one: `kd_one2one`: with an end-to-end student (YOLO26), also distil its one-to-one head (see below).
         agreement: log `kd_agree` (`kd_agreement`, needs a detector teacher); the trainer sets it to `plots`.
         grad_ratio: `kd_grad_ratio` (see `GradientShareCap`); 0 = off.
@@ -228,11 +232,11 @@ class DistillationLoss:
     """
 
     def __init__(self, methods: MethodSet, teacher: nn.Module | None, teacher_taps: Taps | None, trainer=None,
-                 max_ratio: float = 0.0, ramp: float = 0.0, fade: float = 0.0, one2one: bool = True,
+                 max_ratio: float = 0.0, ramp: float = 0.0, one2one: bool = True,
                  agreement: bool = False, grad_ratio: float = 0.0):
         self.methods, self.teacher, self.teacher_taps, self.trainer = methods, teacher, teacher_taps, trainer
         self.grad_cap = GradientShareCap(grad_ratio) if grad_ratio > 0 and methods.caps_any_term else None
-        self.max_ratio, self.ramp, self.fade = max_ratio, ramp, fade
+        self.max_ratio, self.ramp = max_ratio, ramp
         self.one2one, self.agreement = one2one, agreement
         self.task = self.student_taps = None
         self.branches: list[str] = []
@@ -288,9 +292,11 @@ class DistillationLoss:
                 bad = [k for k, v in terms.items() if not torch.isfinite(v.value)]
             if bad:  # step 3: drop this step's distillation; nothing non-finite enters the graph
                 self._warn_once(bad)
-                terms = {k: Term(torch.zeros((), device=v.value.device), v.capped) for k, v in terms.items()}
-            values, scale = scale_terms(terms, loss.detach().float().sum() / n, self.max_ratio,
-                                        schedule_factor(self._epoch, self._epochs, self.ramp, self.fade))
+                terms = {k: dataclasses.replace(v, value=torch.zeros((), device=v.value.device))
+                         for k, v in terms.items()}
+            schedule = (functools.partial(schedule_factor, self._epoch, self._epochs, self.ramp) if self.trainer
+                        else lambda fade: 1.0)  # outside training (`yolokd explain`, `overhead`): full weights
+            values, scale = scale_terms(terms, loss.detach().float().sum() / n, self.max_ratio, schedule)
         kd = torch.stack(list(values.values())).sum()
         items = {**items, "kd_loss": kd.detach()}
         if len(values) > 1:
@@ -343,7 +349,8 @@ class DistillationLoss:
         o2o = self.methods(s.one2one, t2, self._context("one2one", t2, batch), head_only=True,
                            capped_view=s_capped.one2one)
         w_m, w_o = self.task.o2m, self.task.o2o
-        return {k: Term(w_m * v.value + w_o * o2o[k].value, v.capped) if k in o2o else v for k, v in terms.items()}
+        return {k: dataclasses.replace(v, value=w_m * v.value + w_o * o2o[k].value) if k in o2o else v
+                for k, v in terms.items()}
 
     def update(self):
         """Forward the per-epoch schedule update of end-to-end criteria (`E2ELoss.update`)."""
@@ -372,8 +379,8 @@ class DistillationLoss:
 def build_distillation(names: list[str], student: nn.Module, teacher: nn.Module | None, args,
                        trainer=None, device: torch.device | str | None = None) -> DistillationLoss:
     """The distillation of `student` by `teacher` (frozen, or None) with the methods `names` and the train
-    arguments `args` (a namespace with yolokd's keys: `kd_max_ratio`, `kd_ramp`, `kd_fade`, `kd_one2one`,
-    `kd_grad_ratio`, the methods'),
+    arguments `args` (a namespace with yolokd's keys: `kd_max_ratio`, `kd_ramp`, `kd_one2one`, `kd_grad_ratio`, and
+    `kd_fade` and the methods', which `MethodSet` reads),
     its adapters on `device` (default: the student's).
 
     The methods' adapters are sized from one dry forward of each model. Nothing is hooked on the student until
@@ -392,5 +399,5 @@ def build_distillation(names: list[str], student: nn.Module, teacher: nn.Module 
     defaults = kd_defaults()  # for a namespace without yolokd's keys (Python callers): cfg/default.yaml's values
     arg = lambda key: getattr(args, key, defaults[key])  # noqa: E731
     return DistillationLoss(methods, teacher, teacher_taps, trainer, max_ratio=float(arg("kd_max_ratio") or 0.0),
-                            ramp=float(arg("kd_ramp") or 0.0), fade=float(arg("kd_fade") or 0.0),
-                            one2one=bool(arg("kd_one2one")), grad_ratio=float(arg("kd_grad_ratio") or 0.0))
+                            ramp=float(arg("kd_ramp") or 0.0), one2one=bool(arg("kd_one2one")),
+                            grad_ratio=float(arg("kd_grad_ratio") or 0.0))

@@ -165,7 +165,25 @@ class DistillationTrainer(DetectionTrainer):
             f"{colorstr('yolokd:')} method={'+'.join(names)} teacher={self.args.teacher} "
             f"({n_adapt:,} adapter parameters, trained with the student and never saved in it)"
         )
+        self._log_fades()
         return ckpt
+
+    def _log_fades(self) -> None:
+        """Say from which epoch each faded method's terms fall (`method_fade`); warn where that is the first epoch,
+        which a run of very few epochs gets (with epochs=1 a faded method distils nothing)."""
+        from yolokd.criterion import schedule_factor
+
+        epochs = self.epochs
+        for name, fade in self.kd_methods.fades.items():
+            if fade <= 0 or get_method(name).task_scaled is True:
+                continue
+            start = next(e for e in range(epochs) if schedule_factor(e, epochs, 0.0, fade) < 1)  # the last is 0
+            msg = (f"yolokd: {name}'s terms fade linearly to 0 from epoch {start + 1} of {epochs} (fade {fade}; "
+                   f"kd_fade=0 keeps every method's weights constant)")
+            if start == 0:
+                LOGGER.warning(f"{msg}: with {epochs} epoch(s) they are lowered from the first.")
+            else:
+                LOGGER.info(msg)
 
     @property
     def kd_methods(self) -> MethodSet | None:

@@ -23,9 +23,10 @@ does. A method whose gains spread like the null row's is not told apart from pla
 With the null row, each distilled row is also compared with the mean of the plain and null runs of its seed
 (`baseline_map`): the plain student trained twice, a baseline with half the run-to-run variance of one run.
 
-A variant whose only yolokd argument is `kd_fade` is the same computation as the rows as shipped until the fade
-begins, so its command trains each pair once up to there: the shipped run is paused at that epoch, the variant's
-run forked from its checkpoint, and both resumed (`train_forked`).
+A variant whose only yolokd argument is `kd_fade` is the same computation as the rows as shipped until a fade
+begins (the variant's, or a method's own: `method_fade`), so its command trains each pair once up to there: the
+shipped run is paused at that epoch, the variant's run forked from its checkpoint, and both resumed
+(`train_forked`).
 """
 
 from __future__ import annotations
@@ -227,19 +228,27 @@ def epochs_done(run: Path) -> int:
     return int(torch.load(last, map_location="cpu", weights_only=False)["epoch"]) + 1 if last.exists() else 0
 
 
-def fork_epoch(p: Profile) -> int:
-    """The first epoch in which a variant's runs differ from the rows as shipped, where they are the same computation
-    before it; 0 where they differ from the start.
+def fork_epoch(p: Profile, method: str) -> int:
+    """The first epoch in which a variant's run of `method` differs from the row as shipped, where the two are the
+    same computation before it; 0 where they differ from the start (or never: then there is nothing to share).
 
-    That is the case for a variant whose only yolokd argument is `kd_fade`: its schedule factor is 1 until the fade
-    begins (`schedule_factor`), e.g. 20 with `kd_fade=0.33` over 30 epochs."""
-    from yolokd.config import split_kd_args
+    That is the case for a variant whose only yolokd argument is `kd_fade`: the schedule factor of each of the
+    method's capped parts (`schedule_factor`) is, in both runs, 1 until a fade begins, the variant's (`kd_fade`) or
+    the part's own (`method_fade`), e.g. 20 with `kd_fade=0.33` over 30 epochs where the row as shipped does not
+    fade."""
+    from yolokd.config import method_fade, split_kd_args
     from yolokd.criterion import schedule_factor
+    from yolokd.methods.base import get_method, parse_methods
 
     kd = split_kd_args(p.train_args)[1] if p.variant else {}
-    if set(kd) != {"kd_fade"} or not float(kd["kd_fade"]) > 0:
+    if set(kd) != {"kd_fade"}:
         return 0
-    return next(e for e in range(p.epochs) if schedule_factor(e, p.epochs, 0.0, float(kd["kd_fade"])) < 1)
+    faded = [m for m in parse_methods(method) if get_method(m).task_scaled is not True]  # parts with capped terms
+
+    def factors(args: dict, e: int) -> list[float]:
+        return [schedule_factor(e, p.epochs, 0.0, method_fade(m, args)) for m in faded]
+
+    return next((e for e in range(p.epochs) if factors({}, e) != factors(kd, e)), 0)
 
 
 def fork_run(src: Path, dst: Path, kd_args: dict) -> None:
@@ -334,14 +343,13 @@ def run_all(p: Profile) -> dict:
         if cls_teacher:
             results["cls_teacher"] = {"best": cls_teacher}
         distilled = [m for m in p.methods if m != NULL_ROW]  # the null row's runs were submitted with plain's
-        fork = fork_epoch(p)
         shipped = replace(p, variant="", train_args=split_kd_args(p.train_args)[0])  # the rows without the variant
         for s in p.seeds:
             for m in distilled:
                 extra = {"cls_teacher": cls_teacher} if "dicod" in m.split("+") else {}
                 args, shipped_args = (q.run_args(True, epochs=p.epochs, seed=s, teacher=results["teacher"]["best"],
                                                  method=m, **extra) for q in (p, shipped))
-                name = p.run_name(m, s)
+                name, fork = p.run_name(m, s), fork_epoch(p, m)
                 jobs[name] = (pool.submit(train_forked, shipped.run_name(m, s), name, student, shipped_args, args, fork)
                               if fork else pool.submit(train_run, name, student, args))
         results.update({name: job.result() for name, job in jobs.items()})

@@ -36,7 +36,7 @@ from torch import nn
 from ultralytics.utils import LOGGER
 
 from yolokd.adapters import fit_aligner
-from yolokd.config import DistillationConfigError, closest, kd_defaults, method_hparams
+from yolokd.config import DistillationConfigError, closest, kd_defaults, method_fade, method_hparams
 from yolokd.taps import Assignment, Features
 
 _REGISTRY: dict[str, type[DistillMethod]] = {}
@@ -64,11 +64,13 @@ def check_adapter_init(value) -> str:
 class Term:
     """One weighted distillation term of a step, as `MethodSet` hands it to the criterion.
 
-    `capped`: `kd_max_ratio` and `kd_fade` act on it (False for terms normalised like Ultralytics' own losses,
-    which the method declares as `task_scaled`)."""
+    `capped`: `kd_max_ratio`, `kd_ramp` and the fade act on it (False for terms normalised like Ultralytics' own
+    losses, which the method declares as `task_scaled`). `fade`: its method's fade (`method_fade`), which the
+    criterion's `schedule_factor` reads for capped terms."""
 
     value: torch.Tensor
     capped: bool = True
+    fade: float = 0.0
 
 
 @dataclass
@@ -204,6 +206,7 @@ class MethodSet(nn.Module):
     def __init__(self, names: list[str], student: Features, teacher: Features | None, args):
         super().__init__()
         self.methods = nn.ModuleDict({n: build_method(n, student, teacher, args) for n in names})
+        self.fades = {n: method_fade(n, args) for n in names}  # each method's fade (kd_fade, or its own)
         init = check_adapter_init(getattr(args, "adapter_init", "random"))
         # saved with the adapters (kd_state.pt), so a resumed run does not fit them again
         self.register_buffer("adapters_fitted", torch.tensor(init == "random"))
@@ -258,7 +261,8 @@ class MethodSet(nn.Module):
     def forward(self, s: Features, t: Features | None, ctx: StepContext, head_only: bool = False,
                 capped_view: Features | None = None) -> dict[str, Term]:
         """All terms as `{column: Term}`: column `<method>_<term>`, or `<method>` for a one-term method; each Term says
-        whether the cap applies, from its method's `task_scaled` (`head_only`: the `head_level` methods' only).
+        whether the cap applies, from its method's `task_scaled`, and carries its method's fade (`head_only`: the
+        `head_level` methods' only).
         `capped_view`: the student's features for the methods with a capped term (the criterion's gradient-share
         cap, `kd_grad_ratio`); default `s`."""
         out = {}
@@ -271,6 +275,7 @@ class MethodSet(nn.Module):
                     if isinstance(sub, DistillMethod):
                         sub._sink = sink
             view = s if capped_view is None or m.task_scaled is True else capped_view
-            terms = {k: Term(v, capped=not m.is_task_scaled(k)) for k, v in m(view, t, ctx).items()}
+            terms = {k: Term(v, capped=not m.is_task_scaled(k), fade=self.fades[name])
+                     for k, v in m(view, t, ctx).items()}
             out.update({name: next(iter(terms.values()))} if len(terms) == 1 else {f"{name}_{k}": v for k, v in terms.items()})
         return out

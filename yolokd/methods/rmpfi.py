@@ -1,16 +1,18 @@
 """RM + PFI, the full recipe of Li et al. (AAAI 2022): L_task + alpha * L_RM + beta * L_PFI (Eq. 10).
 
-It holds a `RankMimicking` and a `PFI` module and returns their terms side by side ("cls", "loc", "pfi"). It has
-no hyper-parameters of its own: it reads the `rm_*` and `pfi_*` train arguments (alpha = rm_weight = 4,
-beta = pfi_weight = 1.5 by default), so `method=rmpfi` and `method=rm+pfi` compute the same loss with the same
-settings; this name only makes the paper's recipe one method with its own columns.
+It holds a `RankMimicking` and a `PFI` module and returns their terms side by side ("cls", "loc", "pfi"). Its only
+key of its own is `fade` (`rmpfi_fade`, 0.5): its terms fade linearly to 0 over the last half of training, from
+where its lead over the plain student peaks (docs/benchmarks.md; the criterion applies it, `method_fade`). For the
+rest it reads the `rm_*` and `pfi_*` train arguments (alpha = rm_weight = 4, beta = pfi_weight = 1.5 by default),
+so `method=rmpfi` computes the loss of `method=rm+pfi`, with that fade, and the paper's constant weights with
+`rmpfi_fade=0`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from yolokd.config import method_defaults, prefixed
+from yolokd.config import method_hparams, prefixed
 from yolokd.methods.base import DistillMethod, StepContext, register
 from yolokd.methods.pfi import PFI
 from yolokd.methods.rm import RankMimicking
@@ -20,9 +22,10 @@ from yolokd.taps import Features
 @register
 class RMPFI(DistillMethod):
     name = "rmpfi"
-    summary = "Rank Mimicking + PFI, the paper's full recipe (takes the rm_* and pfi_* arguments)"
+    summary = ("Rank Mimicking + PFI, the paper's full recipe (takes the rm_* and pfi_* arguments), faded out over "
+               "the last half of training")
     parts = (RankMimicking, PFI)
-    uses_args = tuple(k for part in parts for k in prefixed(part.name, method_defaults(part.name)))
+    uses_args = tuple(k for part in parts for k in prefixed(part.name, method_hparams(part.name, {})))
     needs_teacher_positives = True
 
     @classmethod
