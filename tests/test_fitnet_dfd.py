@@ -258,23 +258,30 @@ def test_kd_ramp_and_fade_schedule():
     assert schedule_factor(0, 3, 1.0, 0.0) == pytest.approx(1 / 3)
 
 
-def test_kd_ramp_reaches_the_criterion_by_the_trainers_epoch():
-    """kd_ramp=0.5 over 8 epochs: the capped terms weigh 1/4 in the first epoch and fully from the fourth."""
+def kd_loss_by_epoch(method: str, epochs: tuple[int, ...], of: int, **overrides) -> dict[int, torch.Tensor]:
+    """`kd_loss` of one step of a random yolov8n student (yolov8n teacher, cap off) on one batch, as the criterion
+    computes it at each 0-based epoch in `epochs` of `of`, with the train arguments' defaults and `overrides`."""
     from types import SimpleNamespace
 
     from helpers import student_step
     from yolokd.config import kd_defaults
 
-    args = SimpleNamespace(**{**kd_defaults(), "method": "dfd", "kd_max_ratio": 0.0, "kd_ramp": 0.5})
+    args = SimpleNamespace(**{**kd_defaults(), "method": method, "kd_max_ratio": 0.0, **overrides})
     *_, model, _, _, crit = student_step("yolov8n.yaml", ["a", "b", "c"], args, "yolov8n.yaml")
     torch.manual_seed(1)
     img = torch.rand(2, 3, 64, 64)
     batch = {"img": img, "batch_idx": torch.tensor([0.0, 1.0]), "cls": torch.tensor([[0.0], [2.0]]),
              "bboxes": torch.tensor([[0.3, 0.3, 0.4, 0.3], [0.5, 0.5, 0.6, 0.6]])}
     kd = {}
-    for epoch in (0, 3):
-        crit.trainer = SimpleNamespace(epoch=epoch, epochs=8)
+    for epoch in epochs:
+        crit.trainer = SimpleNamespace(epoch=epoch, epochs=of)
         kd[epoch] = crit(model(img), batch)[1]["kd_loss"]
+    return kd
+
+
+def test_kd_ramp_reaches_the_criterion_by_the_trainers_epoch():
+    """kd_ramp=0.5 over 8 epochs: the capped terms weigh 1/4 in the first epoch and fully from the fourth."""
+    kd = kd_loss_by_epoch("dfd", (0, 3), 8, kd_ramp=0.5)
     assert kd[3] > 0 and kd[0] == pytest.approx(kd[3] / 4, rel=1e-5)
 
 
@@ -324,21 +331,7 @@ def test_method_fade_is_kd_fade_or_the_methods_own(args, expected):
 def test_rmpfi_fades_by_default_through_the_criterion(overrides, ratio):
     """method=rmpfi with the train arguments' defaults: its kd_loss at epoch 7 of 8 is 1/4 of epoch 1's (fade 0.5:
     factor (8 - 1 - 6) / 4); with its fade off, equal; with kd_fade=0.25, (8 - 1 - 6) / 2 = 1/2."""
-    from types import SimpleNamespace
-
-    from helpers import student_step
-    from yolokd.config import kd_defaults
-
-    args = SimpleNamespace(**{**kd_defaults(), "method": "rmpfi", "kd_max_ratio": 0.0, **overrides})
-    *_, model, _, _, crit = student_step("yolov8n.yaml", ["a", "b", "c"], args, "yolov8n.yaml")
-    torch.manual_seed(1)
-    img = torch.rand(2, 3, 64, 64)
-    batch = {"img": img, "batch_idx": torch.tensor([0.0, 1.0]), "cls": torch.tensor([[0.0], [2.0]]),
-             "bboxes": torch.tensor([[0.3, 0.3, 0.4, 0.3], [0.5, 0.5, 0.6, 0.6]])}
-    kd = {}
-    for epoch in (0, 6):
-        crit.trainer = SimpleNamespace(epoch=epoch, epochs=8)
-        kd[epoch] = crit(model(img), batch)[1]["kd_loss"]
+    kd = kd_loss_by_epoch("rmpfi", (0, 6), 8, **overrides)
     assert kd[0] > 0 and kd[6] == pytest.approx(kd[0] * ratio, rel=1e-5)
 
 
