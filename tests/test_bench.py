@@ -329,9 +329,9 @@ def test_a_fade_variant_forks_where_it_starts_to_differ():
     assert fork_epoch(replace(fade, variant=""), "dfd") == 0  # not a variant: nothing to pair
     assert fork_epoch(replace(fade, train_args={"kd_fade": 0}), "dfd") == 0
     assert fork_epoch(replace(fade, train_args={"kd_fade": 0.33, "kd_ramp": 0.2}), "dfd") == 0  # differs from epoch 1
-    # rmpfi fades on its own from epoch index 15 ((29 - 15) / 15 < 1): a variant of 0.33 differs from there on, one
-    # of 0 (its constant weights) too, and one of 0.5 never (the row as shipped again: trained whole)
-    assert fork_epoch(fade, "rmpfi") == fork_epoch(fade, "rmpfi+ld") == 15
+    # rm and rmpfi fade on their own from epoch index 15 ((29 - 15) / 15 < 1): a variant of 0.33 differs from there
+    # on, one of 0 (their constant weights) too, and one of 0.5 never (the row as shipped again: trained whole)
+    assert fork_epoch(fade, "rmpfi") == fork_epoch(fade, "rmpfi+ld") == fork_epoch(fade, "rm+ld") == 15
     assert fork_epoch(replace(fade, train_args={"kd_fade": 0}), "rmpfi") == 15
     assert fork_epoch(replace(fade, train_args={"kd_fade": 0.5}), "rmpfi") == 0
     assert fork_epoch(fade, "ld") == 0  # no capped term: a fade changes nothing

@@ -314,11 +314,12 @@ def test_each_term_fades_by_its_own_methods_fade():
 
 
 @pytest.mark.parametrize("args,expected", [
-    ({}, {"rmpfi": 0.5, "dfd": 0.0, "pfi": 0.0, "ld": 0.0}),  # the YAMLs': rmpfi's own fade, none elsewhere
-    ({"kd_fade": None}, {"rmpfi": 0.5, "dfd": 0.0}),  # left empty: the same
-    ({"kd_fade": 0.33}, {"rmpfi": 0.33, "dfd": 0.33}),  # given: every method of the run
-    ({"kd_fade": 0}, {"rmpfi": 0.0, "dfd": 0.0}),  # 0 turns rmpfi's off too
-    ({"rmpfi_fade": 0.2}, {"rmpfi": 0.2, "dfd": 0.0}),  # one method's own
+    ({}, {"rm": 0.5, "rmpfi": 0.5, "dfd": 0.0, "pfi": 0.0, "ld": 0.0}),  # the YAMLs': rm's and rmpfi's own fade
+    ({"kd_fade": None}, {"rm": 0.5, "rmpfi": 0.5, "dfd": 0.0}),  # left empty: the same
+    ({"kd_fade": 0.33}, {"rm": 0.33, "rmpfi": 0.33, "dfd": 0.33}),  # given: every method of the run
+    ({"kd_fade": 0}, {"rm": 0.0, "rmpfi": 0.0, "dfd": 0.0}),  # 0 turns their own off too
+    ({"rmpfi_fade": 0.2}, {"rm": 0.5, "rmpfi": 0.2, "dfd": 0.0}),  # one method's own: rmpfi's is not rm's
+    ({"rm_fade": 0.0}, {"rm": 0.0, "rmpfi": 0.5}),  # nor rm's rmpfi's, though rmpfi reads the other rm_* keys
 ])
 def test_method_fade_is_kd_fade_or_the_methods_own(args, expected):
     from yolokd.config import method_fade
@@ -326,12 +327,14 @@ def test_method_fade_is_kd_fade_or_the_methods_own(args, expected):
     assert {m: method_fade(m, args) for m in expected} == expected
 
 
-@pytest.mark.parametrize("overrides,ratio", [({}, 0.25), ({"rmpfi_fade": 0.0}, 1.0), ({"kd_fade": 0.0}, 1.0),
+@pytest.mark.parametrize("method", ["rm", "rmpfi"])
+@pytest.mark.parametrize("overrides,ratio", [({}, 0.25), ({"own_fade": 0.0}, 1.0), ({"kd_fade": 0.0}, 1.0),
                                              ({"kd_fade": 0.25}, 0.5)])
-def test_rmpfi_fades_by_default_through_the_criterion(overrides, ratio):
-    """method=rmpfi with the train arguments' defaults: its kd_loss at epoch 7 of 8 is 1/4 of epoch 1's (fade 0.5:
-    factor (8 - 1 - 6) / 4); with its fade off, equal; with kd_fade=0.25, (8 - 1 - 6) / 2 = 1/2."""
-    kd = kd_loss_by_epoch("rmpfi", (0, 6), 8, **overrides)
+def test_rm_and_rmpfi_fade_by_default_through_the_criterion(method, overrides, ratio):
+    """method=rm or rmpfi with the train arguments' defaults: its kd_loss at epoch 7 of 8 is 1/4 of epoch 1's (fade
+    0.5: factor (8 - 1 - 6) / 4); with its own fade off, equal; with kd_fade=0.25, (8 - 1 - 6) / 2 = 1/2."""
+    overrides = {k.replace("own", method): v for k, v in overrides.items()}
+    kd = kd_loss_by_epoch(method, (0, 6), 8, **overrides)
     assert kd[0] > 0 and kd[6] == pytest.approx(kd[0] * ratio, rel=1e-5)
 
 

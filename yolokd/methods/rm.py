@@ -28,7 +28,9 @@ YOLO adaptation (docs/methods.md#rm):
   only dilute M); a batch without such GTs gives 0 (kept in the graph);
 - L = alpha * (KL_cls + loc_weight * KL_loc), logged as the terms "cls" and "loc"; loc_weight = 0 is the paper's
   cls-only row of Tab. 4;
-- groups are handled with scatter/index_add (a log-softmax per group), never a Python loop over GTs.
+- groups are handled with scatter/index_add (a log-softmax per group), never a Python loop over GTs;
+- its YAML's `fade` (`rm_fade`, 0.5) lowers L linearly to 0 over the last half of training (the criterion applies
+  it, `method_fade`); the paper's constant alpha is `rm_fade=0`.
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ def candidates(student: Assignment, teacher: Assignment | None) -> tuple[torch.T
 class RankMimicking(DistillMethod):
     name = "rm"
     summary = ("Rank Mimicking: KL between teacher and student rankings (class score, IoU) of each GT's candidates, "
-               "the positives of both models")
+               "the positives of both models; faded out over the last half of training")
     choices = {"scores": SCORES}
     needs_teacher_positives = True
 
