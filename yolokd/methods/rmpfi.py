@@ -3,9 +3,9 @@
 It holds a `RankMimicking` and a `PFI` module and returns their terms side by side ("cls", "loc", "pfi"). Its only
 key of its own is `fade` (`rmpfi_fade`, 0.5): its terms fade linearly to 0 over the last half of training, from
 where its lead over the plain student peaks (docs/benchmarks.md; the criterion applies it, `method_fade`). For the
-rest it reads the `rm_*` and `pfi_*` train arguments (alpha = rm_weight = 4, beta = pfi_weight = 1.5 by default),
-so `method=rmpfi` computes the loss of `method=rm+pfi`, with that fade, and the paper's constant weights with
-`rmpfi_fade=0`.
+rest it reads the `rm_*` and `pfi_*` train arguments but `rm_fade` (alpha = rm_weight = 4, beta = pfi_weight =
+1.5 by default), so `method=rmpfi` computes the loss of `method=rm+pfi` with its own fade on all three terms (in
+`rm+pfi`, `rm_fade` fades rm's terms only), and the paper's constant weights with `rmpfi_fade=0`.
 """
 
 from __future__ import annotations
