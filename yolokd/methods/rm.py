@@ -82,7 +82,7 @@ def candidates(student: Assignment, teacher: Assignment | None) -> tuple[torch.T
 class RankMimicking(DistillMethod):
     name = "rm"
     summary = ("Rank Mimicking: KL between teacher and student rankings (class score, IoU) of each GT's candidates, "
-               "the positives of both models; faded out over the last half of training")
+               "the positives of both models")
     choices = {"scores": SCORES}
     needs_teacher_positives = True
 

@@ -22,8 +22,7 @@ from yolokd.taps import Features
 @register
 class RMPFI(DistillMethod):
     name = "rmpfi"
-    summary = ("Rank Mimicking + PFI, the paper's full recipe (takes the rm_* and pfi_* arguments), faded out over "
-               "the last half of training")
+    summary = "Rank Mimicking + PFI, the paper's full recipe (takes the rm_* and pfi_* arguments)"
     parts = (RankMimicking, PFI)
     uses_args = tuple(k for part in parts for k in prefixed(part.name, method_hparams(part.name, {})))
     needs_teacher_positives = True
