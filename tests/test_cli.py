@@ -79,6 +79,28 @@ def test_parse_kv_uses_ultralytics_parsing():
         parse_kv(["epochs="])
 
 
+def test_a_source_checkout_reads_its_own_yamls_not_the_installed_ones(tmp_path):
+    """A second checkout run with PYTHONPATH (a benchmark clone) must not read the editable install's cfg/."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    import yolokd
+
+    repo = Path(yolokd.__file__).resolve().parents[1]
+    clone = tmp_path / "clone"
+    shutil.copytree(repo / "yolokd", clone / "yolokd", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(repo / "cfg", clone / "cfg")
+    shutil.copy(repo / "pyproject.toml", clone / "pyproject.toml")
+    rm_yaml = clone / "cfg" / "methods" / "rm.yaml"
+    rm_yaml.write_text(rm_yaml.read_text() + "\nclone_only_key: 1\n")
+    code = "from yolokd.config import cfg_dir, kd_defaults; print(cfg_dir()); print('rm_clone_only_key' in kd_defaults())"
+    env = {**os.environ, "PYTHONPATH": str(clone)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env,
+                         cwd=tmp_path).stdout.split()
+    assert out == [str(clone / "cfg"), "True"]
+
+
 def test_example_configs_use_valid_keys():
     from ultralytics.utils import YAML
 

@@ -26,11 +26,17 @@ class DistillationConfigError(ValueError):
 
 
 def cfg_dir() -> Path:
-    """Return the folder holding `default.yaml`, `methods/` and `examples/` (shipped as the `yolokd.cfg` package)."""
-    try:
-        return Path(str(resources.files("yolokd.cfg")))
-    except ModuleNotFoundError:  # running from a source tree that is not installed
-        return Path(__file__).resolve().parents[1] / "cfg"
+    """Return the folder holding `default.yaml`, `methods/` and `examples/` (shipped as the `yolokd.cfg` package).
+
+    Code imported from a source checkout reads that checkout's `cfg/`, even when another checkout is installed
+    editable: `yolokd.cfg` maps to the root's `cfg/` (pyproject's package-dir), so the import system would resolve
+    it through the editable install and pair one checkout's code with another's YAMLs (e.g. a benchmark clone run
+    with `PYTHONPATH`). An installed wheel has no such sibling folder and reads its packaged copy.
+    """
+    root = Path(__file__).resolve().parents[1]
+    if (root / "pyproject.toml").is_file() and (root / "cfg" / "default.yaml").is_file():
+        return root / "cfg"
+    return Path(str(resources.files("yolokd.cfg")))
 
 
 @functools.lru_cache(maxsize=None)
