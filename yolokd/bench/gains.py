@@ -693,7 +693,7 @@ def plot_epochs(rows: list[dict], path: Path, close_mosaic: int = 0) -> None:
     fig.supxlabel("epoch (red: close_mosaic starts)")
     fig.supylabel("val mAP50-95 gain over plain")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # one narrow panel would clip the figure-wide y label
     plt.close(fig)
 
 
