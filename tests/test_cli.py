@@ -1,13 +1,16 @@
 """The `yolokd` command: help texts, method listing, key=value parsing, unknown names."""
 
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+import yolokd
 from yolokd.cli import ALIASES, COMMANDS, main
-from yolokd.config import parse_kv
-from yolokd.config import kd_defaults, method_cfg_names
+from yolokd.config import kd_defaults, method_cfg_names, parse_kv
 from yolokd.methods import get_method, list_methods
 
 
@@ -81,12 +84,6 @@ def test_parse_kv_uses_ultralytics_parsing():
 
 def test_a_source_checkout_reads_its_own_yamls_not_the_installed_ones(tmp_path):
     """A second checkout run with PYTHONPATH (a benchmark clone) must not read the editable install's cfg/."""
-    import os
-    import shutil
-    from pathlib import Path
-
-    import yolokd
-
     repo = Path(yolokd.__file__).resolve().parents[1]
     clone = tmp_path / "clone"
     shutil.copytree(repo / "yolokd", clone / "yolokd", ignore=shutil.ignore_patterns("__pycache__"))
