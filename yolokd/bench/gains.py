@@ -358,23 +358,29 @@ def run_all(p: Profile) -> dict:
 
 def finished_results(p: Profile) -> dict:
     """`report=true`: the records `run_all` would return, read from the out folder's finished runs; nothing is
-    trained. Raises `DistillationConfigError` naming each run that has not finished and the epochs it holds."""
+    trained. Raises `DistillationConfigError` naming each run in progress with the epochs it holds, and how many
+    have not started (the first few by name)."""
     from yolokd.config import DistillationConfigError
 
     shared = ["teacher", *(["student_init"] if p.student_init_epochs > 0 else []),
               *(["cls_teacher"] if p.needs_cls_teacher else [])]
     per_seed = {s: [p.run_name(m, s) for m in ("plain", *p.methods)] for s in p.seeds}
     results = {name: _finished(p.out, name) for name in [*shared, *(n for names in per_seed.values() for n in names)]}
-    missing = [f"{name} ({epochs_done(Path(p.out) / name)} epochs)" for name, rec in results.items() if rec is None]
-    if missing:
+    epochs = {name: epochs_done(Path(p.out) / name) for name, rec in results.items() if rec is None}
+    if epochs:
+        started = [f"{name} ({n} epochs)" for name, n in epochs.items() if n]
+        waiting = [name for name, n in epochs.items() if not n]
+        parts = [f"not finished in {p.out}: {', '.join(started)}"] if started else []
+        if waiting:  # a long profile has dozens: the first few name where it will go on
+            shown = ", ".join(waiting[:3]) + (", ..." if len(waiting) > 3 else "")
+            parts.append(f"{len(waiting)} not started{'' if started else f' in {p.out}'} ({shown})")
         shared_done = all(results[n] for n in shared)
         done = [str(s) for s, names in per_seed.items() if shared_done and all(results[n] for n in names)]
         hint = ""
         if done:
             hint = f" Every run of seeds {','.join(done)} has finished: add seeds={','.join(done)} for their table."
-        raise DistillationConfigError(f"report=true writes the table from finished runs only; not finished in "
-                                      f"{p.out}: {', '.join(missing)}. Run the same command without report=true to "
-                                      f"train them.{hint}")
+        raise DistillationConfigError(f"report=true writes the table from finished runs only; {'; '.join(parts)}. "
+                                      f"Run the same command without report=true to train them.{hint}")
     if "cls_teacher" in results:  # as `run_all` gives it: the checkpoint only (its accuracy is not a row)
         results["cls_teacher"] = {"best": results["cls_teacher"]["best"]}
     return results
@@ -740,8 +746,8 @@ gain is run-to-run noise alone, the spread a method's gain must stand out from (
 With it, a second table gives each row's paired gain over the mean of its seed's plain and null runs.
 Any other key is a train argument of every run (Ultralytics' or yolokd's, e.g. kd_max_ratio=0).
 report=true writes the table from the runs that have finished and trains nothing; while any run of the command has
-not finished, it names them (with the epochs each holds) and the seeds whose runs have all finished (seeds= with
-those gives their table), and stops. The command above the table omits it.
+not finished, it names those in progress (with the epochs each holds), counts those not started, names the seeds
+whose runs have all finished (seeds= with those gives their table), and stops. The command above the table omits it.
 """
 
 
