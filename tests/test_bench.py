@@ -106,8 +106,8 @@ def test_bad_bench_arguments_stop_before_any_run(argv, message, tmp_path, capsys
 
 def test_report_writes_the_table_of_finished_runs_and_trains_nothing(tmp_path, capsys):
     """`report=true`: while a run of the command has not finished, a one-line error names it with the epochs its
-    last.pt holds (and counts the runs not started yet), and no run is started (it names the seeds whose runs have all finished, whose table `seeds=`
-    gives); once all have finished, the table is the one the command without
+    last.pt holds (and counts the runs not started yet), and no run is started (it names the seeds whose runs have
+    all finished, whose table `seeds=` gives); once all have finished, the table is the one the command without
     `report=true` writes (that command above it), with the classifier teacher's record reduced to its checkpoint."""
     import torch
 
@@ -126,12 +126,12 @@ def test_report_writes_the_table_of_finished_runs_and_trains_nothing(tmp_path, c
     before = sorted(p.name for p in out.iterdir())
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and f"not finished in {out}: dicod_s1 (5 epochs)." in err
+    assert len(err.splitlines()) == 1 and f"in {out}, not finished: dicod_s1 (5 epochs)." in err
     assert "without report=true" in err and sorted(p.name for p in out.iterdir()) == before
     assert err.endswith("Every run of seeds 0 has finished: add seeds=0 for their table.")
     assert main([*argv[:3], "methods=dicod,pdf,rm", *argv[4:]]) == 2  # runs not started are counted, a few named
     err = capsys.readouterr().err.strip()
-    assert f"not finished in {out}: dicod_s1 (5 epochs); 4 not started (pdf_s0, rm_s0, pdf_s1, ...). Run" in err
+    assert f"in {out}, not finished: dicod_s1 (5 epochs); 4 not started (pdf_s0, rm_s0, pdf_s1, ...). Run" in err
     assert "Every run of seeds" not in err and sorted(p.name for p in out.iterdir()) == before
     assert main([*argv[:-2], "seeds=0", "report=true"]) == 0  # what the hint says: the table of that seed
     assert "| dicod | 0.2500 |" in (out / "benchmarks.md").read_text()

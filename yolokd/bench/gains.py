@@ -370,17 +370,17 @@ def finished_results(p: Profile) -> dict:
     if epochs:
         started = [f"{name} ({n} epochs)" for name, n in epochs.items() if n]
         waiting = [name for name, n in epochs.items() if not n]
-        parts = [f"not finished in {p.out}: {', '.join(started)}"] if started else []
+        parts = [f"not finished: {', '.join(started)}"] if started else []
         if waiting:  # a long profile has dozens: the first few name where it will go on
-            shown = ", ".join(waiting[:3]) + (", ..." if len(waiting) > 3 else "")
-            parts.append(f"{len(waiting)} not started{'' if started else f' in {p.out}'} ({shown})")
+            parts.append(f"{len(waiting)} not started ({', '.join(waiting[:3])}{', ...' if len(waiting) > 3 else ''})")
         shared_done = all(results[n] for n in shared)
         done = [str(s) for s, names in per_seed.items() if shared_done and all(results[n] for n in names)]
         hint = ""
         if done:
             hint = f" Every run of seeds {','.join(done)} has finished: add seeds={','.join(done)} for their table."
-        raise DistillationConfigError(f"report=true writes the table from finished runs only; {'; '.join(parts)}. "
-                                      f"Run the same command without report=true to train them.{hint}")
+        raise DistillationConfigError(f"report=true writes the table from finished runs only; in {p.out}, "
+                                      f"{'; '.join(parts)}. Run the same command without report=true to train "
+                                      f"them.{hint}")
     if "cls_teacher" in results:  # as `run_all` gives it: the checkpoint only (its accuracy is not a row)
         results["cls_teacher"] = {"best": results["cls_teacher"]["best"]}
     return results
