@@ -258,9 +258,10 @@ def test_kd_ramp_and_fade_schedule():
     assert schedule_factor(0, 3, 1.0, 0.0) == pytest.approx(1 / 3)
 
 
-def kd_loss_by_epoch(method: str, epochs: tuple[int, ...], of: int, **overrides) -> dict[int, torch.Tensor]:
+def kd_loss_by_epoch(method: str, epochs: tuple[int, ...], of: int, **overrides) -> dict[int, float]:
     """`kd_loss` of one step of a random yolov8n student (yolov8n teacher, cap off) on one batch, as the criterion
-    computes it at each 0-based epoch in `epochs` of `of`, with the train arguments' defaults and `overrides`."""
+    computes it at each 0-based epoch in `epochs` of `of`, with the train arguments' defaults and `overrides`, as a
+    float (pytest 9.2's `approx` iterates over what it compares with, which a 0-d tensor refuses)."""
     from types import SimpleNamespace
 
     from helpers import student_step
@@ -275,7 +276,7 @@ def kd_loss_by_epoch(method: str, epochs: tuple[int, ...], of: int, **overrides)
     kd = {}
     for epoch in epochs:
         crit.trainer = SimpleNamespace(epoch=epoch, epochs=of)
-        kd[epoch] = crit(model(img), batch)[1]["kd_loss"]
+        kd[epoch] = float(crit(model(img), batch)[1]["kd_loss"])
     return kd
 
 
