@@ -251,6 +251,7 @@ def test_a_variant_row_is_paired_with_the_row_as_shipped_where_it_ran(tmp_path):
     assert rows[1]["over_part"] == pytest.approx([0.03, -0.02])
     assert "| +0.0050 ± 0.0354 vs dfd as shipped, 1/2 |" in markdown(p, results, rows)
     assert "| dfd-ramp | 0.2750 ± 0.0354 |" in markdown(p, results, rows)  # the row names its variant
+    assert "Over its" not in markdown(p, results, rows)  # one row: no pooled line repeating the row's figure
 
 
 def test_a_variant_is_summed_up_over_its_rows_seed_by_seed(tmp_path):

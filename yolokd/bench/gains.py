@@ -584,8 +584,8 @@ def markdown(p: Profile, results: dict, rows: list[dict], command: str | None = 
         body += (f"| {r['label']} | {_mean_std(r['map50_95'])} | {_mean_std(r['map50'])} | {gain} | {wins} | {tt} | "
                  f"{gap} | {part} | {scale} | {r['sec_per_epoch']:.1f} | {over} |\n")
     per_seed = variant_gain_per_seed(rows)
-    if per_seed:
-        k = sum(r.get("over_label", "").endswith(" as shipped") for r in rows)
+    k = sum(r.get("over_label", "").endswith(" as shipped") for r in rows)
+    if per_seed and k > 1:  # over one row the pooled line would only repeat that row's figure
         t_all = paired_t(per_seed)
         body += (f"\nOver its {k} rows, `{p.variant}`'s paired gain over the rows as shipped, averaged over the rows "
                  f"seed by seed: {', '.join(f'{g:+.4f}' for g in per_seed)}; mean {_mean_std(per_seed, '+')}, "
