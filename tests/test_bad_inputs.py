@@ -77,7 +77,7 @@ RANGE_CASES = [  # (numeric arguments, the one-line error): the ranges declared 
     (dict(method="dfd", kd_fade=5), "kd_fade=5 is out of range: it must be in [0, 1] (default: empty)."),
     (dict(method="rmpfi", kd_fade="late"), "kd_fade='late' must be a number (default: empty)."),  # empty by default
     (dict(method="rmpfi", rmpfi_fade=-0.5), "rmpfi_fade=-0.5 is out of range: it must be in [0, 1] (default: 0.5)."),
-    (dict(method="dfd", kd_grad_ratio=-0.5), "kd_grad_ratio=-0.5 is out of range: it must be >= 0 (default: 0.0)."),
+    (dict(method="dfd", kd_grad_ratio=-0.5), "kd_grad_ratio=-0.5 is out of range: it must be >= 0 (default: empty)."),
     (dict(method="ld", ld_temperature=0), "ld_temperature=0 is out of range: it must be > 0 (default: 10.0)."),
     (dict(method="pgd", pgd_topk=0), "pgd_topk=0 is out of range: it must be >= 1 (default: 30)."),
     (dict(method="pgd", pgd_xi_cls=1.5), "pgd_xi_cls=1.5 is out of range: it must be in [0, 1] (default: 0.8)."),

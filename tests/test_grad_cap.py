@@ -112,3 +112,48 @@ def test_yolo26_both_branches_and_the_shared_neck_are_capped(method):
                         for part in (pairs, [x for x in pairs if "one2one" in x[0]])]
     assert max(grads[1e-9]) < 1e-5 and grads[0.0][0] > 1e-3
     assert (grads[0.0][1] > 1e-3) == (method == "pgd")  # pgd is head-level; dfd reads the neck, which o2o detaches
+
+
+@pytest.mark.parametrize("methods,args,ratio", [
+    (["dfd"], {}, 0.0),  # no method asks for the cap and none is given: off
+    (["pdf"], {"pdf_grad_ratio": 0.25}, 0.25),  # the method's own
+    (["pdf", "dfd"], {"pdf_grad_ratio": 0.25}, 0.0),  # one cap for all capped terms: dfd has none, so off
+    (["pdf", "dfd"], {"pdf_grad_ratio": 0.25, "dfd_grad_ratio": 0.5}, 0.25),  # the smallest of their own
+    (["pdf"], {"pdf_grad_ratio": 0.25, "kd_grad_ratio": 0.1}, 0.1),  # kd_grad_ratio given: for every method
+    (["pdf"], {"pdf_grad_ratio": 0.25, "kd_grad_ratio": 0}, 0.0),  # 0 turns their own off too
+    (["pdf"], {"pdf_grad_ratio": 0.25, "kd_grad_ratio": None}, 0.25),  # left empty: their own
+    ([], {"kd_grad_ratio": None}, 0.0),  # no capped method (ld alone)
+])
+def test_run_grad_ratio_is_kd_grad_ratio_or_the_smallest_own(methods, args, ratio):
+    from yolokd.config import run_grad_ratio
+
+    assert run_grad_ratio(methods, args) == ratio
+    assert run_grad_ratio(methods, SimpleNamespace(**args)) == ratio  # the trainer's namespace reads the same
+
+
+@pytest.mark.parametrize("method,cap", [("pdf+ld", 0.25), ("ld", None), ("pdf+dfd", None)])
+def test_a_methods_own_ratio_reaches_the_criterion(method, cap):
+    """kd_grad_ratio left empty and pdf's own 0.25: pdf+ld is capped at 0.25 (ld's terms are task-scaled and not
+    gated), ld alone has nothing to cap, and pdf+dfd is not capped (dfd asks for no cap)."""
+    args = SimpleNamespace(**{**kd_defaults(), "method": method, "pdf_grad_ratio": 0.25})
+    assert args.kd_grad_ratio is None  # the default: each method's own
+    crit = student_step("yolov8n.yaml", ["a", "b", "c"], args, "yolov8n.yaml")[-1]
+    assert (crit.grad_cap and crit.grad_cap.ratio) == cap
+
+
+@pytest.mark.parametrize("given,cap,said", [
+    (None, GradientShareCap(0.25), "the gradient of pdf's terms is capped at 0.25 times the task's"),  # their own
+    (0.25, GradientShareCap(0.25), None),  # the user's kd_grad_ratio: nothing to explain
+    (None, None, None),  # no cap
+])
+def test_the_trainer_says_when_a_methods_own_cap_acts(given, cap, said, monkeypatch):
+    from ultralytics.utils import LOGGER
+
+    from yolokd.trainer import DistillationTrainer
+
+    logs = []
+    monkeypatch.setattr(LOGGER, "info", lambda msg, *a, **k: logs.append(msg))
+    run = SimpleNamespace(args=SimpleNamespace(kd_grad_ratio=given), distillation=SimpleNamespace(grad_cap=cap),
+                          kd_methods=SimpleNamespace(capped_methods=["pdf"]))
+    DistillationTrainer._log_own_grad_cap(run)
+    assert len(logs) == (said is not None) and all(said in msg for msg in logs)

@@ -6,7 +6,7 @@ import inspect
 
 import pytest
 
-from yolokd.config import SCHEDULE_KEYS, method_defaults
+from yolokd.config import CRITERION_KEYS, method_defaults
 from yolokd.methods.base import get_method, list_methods
 
 BUILT_HERE = [n for n in list_methods() if not getattr(get_method(n), "delegated", False)]
@@ -20,7 +20,7 @@ def test_constructor_takes_the_yaml_keys_with_no_defaults_of_its_own(name):
     params = list(inspect.signature(cls.__init__).parameters.values())[3:]  # after self, student, teacher
     keywords = {p.name for p in params if p.kind is p.KEYWORD_ONLY}
     assert all(p.default is p.empty for p in params), [p.name for p in params if p.default is not p.empty]
-    own = set(method_defaults(name)) - SCHEDULE_KEYS  # a schedule key (rmpfi's fade) is the criterion's, not its
+    own = set(method_defaults(name)) - CRITERION_KEYS  # a criterion key (rmpfi's fade) is not the method's
     if any(p.kind is p.VAR_KEYWORD for p in params):  # rmpfi: the rm_* and pfi_* keys, all declared in uses_args
         assert set(cls.uses_args) and not own
     else:
@@ -32,5 +32,6 @@ def test_every_numeric_argument_declares_its_range_next_to_its_default():
 
     numeric = {k for k, v in kd_defaults().items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     ranges = declared_ranges()
-    assert numeric | {"kd_fade"} == set(ranges)  # kd_fade: a number, empty by default (each method's own fade)
-    assert all(kd_defaults()[k] in r for k, r in ranges.items() if k != "kd_fade")  # every default in its range
+    own = {"kd_fade", "kd_grad_ratio"}  # numbers, empty by default (each method's own fade, its own cap)
+    assert numeric | own == set(ranges)
+    assert all(kd_defaults()[k] in r for k, r in ranges.items() if k not in own)  # every default in its range

@@ -219,7 +219,8 @@ def check_train_values(args: dict[str, Any]) -> None:
     check_kd_values(kd)
 
 
-SCHEDULE_KEYS = frozenset({"fade"})  # keys of a method's YAML that the criterion reads (`method_fade`), not the method
+CRITERION_KEYS = frozenset({"fade", "grad_ratio"})  # keys of a method's YAML the criterion reads, not the method:
+# its fade (`method_fade`) and its gradient-share cap (`run_grad_ratio`)
 
 
 def _getter(args: dict[str, Any] | Any):
@@ -228,19 +229,32 @@ def _getter(args: dict[str, Any] | Any):
 
 def method_hparams(method: str, args: dict[str, Any] | Any) -> dict[str, Any]:
     """The un-prefixed hyper-parameters of `method` read from train arguments (dict or namespace): the keys of its
-    YAML that its constructor takes, i.e. all but the `SCHEDULE_KEYS`."""
+    YAML that its constructor takes, i.e. all but the `CRITERION_KEYS`."""
     get = _getter(args)
-    return {k: get(f"{method}_{k}", v) for k, v in method_defaults(method).items() if k not in SCHEDULE_KEYS}
+    return {k: get(f"{method}_{k}", v) for k, v in method_defaults(method).items() if k not in CRITERION_KEYS}
+
+
+def _own(method: str, key: str, args: dict[str, Any] | Any) -> float:
+    """A criterion key of `method` (`CRITERION_KEYS`): its `<method>_<key>` argument, else its YAML's value, else 0."""
+    return float(_getter(args)(f"{method}_{key}", method_defaults(method).get(key)) or 0.0)
 
 
 def method_fade(method: str, args: dict[str, Any] | Any) -> float:
     """The fade of `method`'s capped terms (`schedule_factor`): `kd_fade` where it is given, for every method of the
     run; else the method's own `<method>_fade` (a key of its YAML, e.g. rmpfi's 0.5); else 0, no fade."""
-    get = _getter(args)
-    fade = get("kd_fade", None)
-    if fade is None:
-        fade = get(f"{method}_fade", method_defaults(method).get("fade"))
-    return float(fade or 0.0)
+    fade = _getter(args)("kd_fade", None)
+    return _own(method, "fade", args) if fade is None else float(fade)
+
+
+def run_grad_ratio(capped_methods: list[str], args: dict[str, Any] | Any) -> float:
+    """The run's gradient-share cap (`GradientShareCap`; 0 = off): `kd_grad_ratio` where it is given, for every
+    method; else the smallest own `<method>_grad_ratio` (a key of its YAML, e.g. pdf's) over the run's methods with
+    capped terms, 0 for one that has none: one cap acts on all capped terms, so it acts only where each of their
+    methods asks for it (`pdf+ld` is capped as `pdf` is, `ld` being task-scaled; `pdf+dfd` is not)."""
+    ratio = _getter(args)("kd_grad_ratio", None)
+    if ratio is None:
+        return min((_own(m, "grad_ratio", args) for m in capped_methods), default=0.0)
+    return float(ratio)
 
 
 def parse_kv(argv: list[str]) -> dict[str, Any]:

@@ -21,9 +21,10 @@ How a method's raw term becomes loss, in order (`DistillationLoss.__call__` and 
    its method's fade (`kd_fade` where given, else the method's own `<method>_fade`: `Term.fade`);
 6. the sum of all terms is `kd_loss`; it is multiplied by the batch size, as Ultralytics' loss vector is, and
    appended to it;
-7. `kd_grad_ratio` (off by default) acts in the backward pass rather than on the loss: the methods with capped terms
-   read the student's tapped tensors through a `GradientShareCap`, which scales their gradient at each tensor to at
-   most that multiple of the task loss's gradient at the same tensor (column `kd_gscale`).
+7. `kd_grad_ratio`, or the methods' own `<method>_grad_ratio` (`run_grad_ratio`), acts in the backward pass rather
+   than on the loss: the methods with capped terms read the student's tapped tensors through a `GradientShareCap`,
+   which scales their gradient at each tensor to at most that multiple of the task loss's gradient at the same
+   tensor (column `kd_gscale`).
 
 With `agreement` on (the trainer's `plots=True`), a diagnostic column `kd_agree` (`kd_agreement`) is logged beside
 them; it is no loss and costs nothing when off.
@@ -40,7 +41,7 @@ from torch import nn
 from ultralytics.utils import LOGGER
 
 from yolokd.checks import dry_forward
-from yolokd.config import kd_defaults
+from yolokd.config import kd_defaults, run_grad_ratio
 from yolokd.methods.base import MethodSet, StepContext, Term, get_method
 from yolokd.taps import (
     BRANCHES,
@@ -220,7 +221,8 @@ class DistillationLoss:
             capped terms only.
         one2one: `kd_one2one`: with an end-to-end student (YOLO26), also distil its one-to-one head (see below).
         agreement: log `kd_agree` (`kd_agreement`, needs a detector teacher); the trainer sets it to `plots`.
-        grad_ratio: `kd_grad_ratio` (see `GradientShareCap`); 0 = off.
+        grad_ratio: the run's cap (`run_grad_ratio`: `kd_grad_ratio`, or the methods' own; see `GradientShareCap`);
+            0 = off.
 
     End-to-end students. `E2ELoss` trains the one-to-many branch (dense assignment, top-10) and the one-to-one
     branch (the head that is deployed, top-1) with the weights `o2m` + `o2o` = 1, moving from 0.8/0.2 to 0.1/0.9
@@ -400,4 +402,4 @@ def build_distillation(names: list[str], student: nn.Module, teacher: nn.Module 
     arg = lambda key: getattr(args, key, defaults[key])  # noqa: E731
     return DistillationLoss(methods, teacher, teacher_taps, trainer, max_ratio=float(arg("kd_max_ratio") or 0.0),
                             ramp=float(arg("kd_ramp") or 0.0), one2one=bool(arg("kd_one2one")),
-                            grad_ratio=float(arg("kd_grad_ratio") or 0.0))
+                            grad_ratio=run_grad_ratio(methods.capped_methods, args))

@@ -166,6 +166,7 @@ class DistillationTrainer(DetectionTrainer):
             f"({n_adapt:,} adapter parameters, trained with the student and never saved in it)"
         )
         self._log_fades()
+        self._log_own_grad_cap()
         return ckpt
 
     def _log_fades(self) -> None:
@@ -184,6 +185,15 @@ class DistillationTrainer(DetectionTrainer):
                 LOGGER.warning(f"{msg}: with {epochs} epoch(s) they are lowered from the first.")
             else:
                 LOGGER.info(msg)
+
+    def _log_own_grad_cap(self) -> None:
+        """Say when the gradient-share cap acts by the methods' own `<method>_grad_ratio` (`run_grad_ratio`), not by
+        a `kd_grad_ratio` the user gave."""
+        cap = self.distillation.grad_cap
+        if cap is not None and getattr(self.args, "kd_grad_ratio", None) is None:
+            LOGGER.info(f"yolokd: the gradient of {', '.join(self.kd_methods.capped_methods)}'s terms is capped at "
+                        f"{cap.ratio} times the task's at each student tensor they read (their own grad_ratio; "
+                        f"kd_grad_ratio=0 turns it off)")
 
     @property
     def kd_methods(self) -> MethodSet | None:

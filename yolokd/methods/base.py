@@ -254,9 +254,14 @@ class MethodSet(nn.Module):
         return set().union(*(m.taps for m in self.methods.values()))
 
     @property
+    def capped_methods(self) -> list[str]:
+        """The methods with some capped term (not `task_scaled`)."""
+        return [n for n, m in self.methods.items() if m.task_scaled is not True]
+
+    @property
     def caps_any_term(self) -> bool:
-        """True if some term of these methods is capped (not `task_scaled`): the criterion then logs `kd_scale`."""
-        return any(m.task_scaled is not True for m in self.methods.values())
+        """True if some term of these methods is capped: the criterion then logs `kd_scale`."""
+        return bool(self.capped_methods)
 
     def forward(self, s: Features, t: Features | None, ctx: StepContext, head_only: bool = False,
                 capped_view: Features | None = None) -> dict[str, Term]:
