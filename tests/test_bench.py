@@ -197,6 +197,36 @@ def test_overhead_times_every_method_with_a_checkpoint_student(tmp_path):
     assert f"{ratio:.3f}" in table.splitlines()[-1]
 
 
+def test_median_time_waits_for_the_device_before_and_after_each_timed_call():
+    """On a GPU the step only queues work: `sync` (torch.cuda.synchronize there) runs before the clock starts and
+    before it stops, for every timed call and never for the warm-up ones."""
+    from yolokd.bench.overhead import median_time
+
+    calls = []
+    median_time(lambda: calls.append("step"), iters=2, warmup=1, sync=lambda: calls.append("sync"))
+    assert calls == ["step", "sync", "step", "sync", "sync", "step", "sync"]
+
+
+def test_overhead_is_measured_on_the_profiles_device(tmp_path, monkeypatch):
+    """`gains profile=gpu` times the KD step where its runs trained (device=0), not on the CPU; the CPU profiles
+    pass device=cpu, which `yolokd overhead` also takes on its command line."""
+    import yolokd.bench.overhead as overhead
+    from yolokd.bench.gains import overhead_run
+    from yolokd.cli import main
+
+    seen = []
+
+    def fake_measure(student, teacher, methods, **kw):
+        seen.append(kw["device"])
+        return {"student": 1.0, "teacher": 1.0, **{m: 3.0 for m in methods}}
+
+    monkeypatch.setattr(overhead, "measure", fake_measure)
+    p = Profile(methods=("dfd",), seeds=(0,), device="0", out=str(tmp_path))
+    assert overhead_run(p, {"teacher": {"best": "t.pt"}}) == {"dfd": 1.5} and seen == ["0"]
+    assert main(["overhead", "model=yolov8n.yaml", "teacher=yolov8n.yaml", "methods=dfd", "device=0"]) == 0
+    assert seen == ["0", "0"]  # an int on the command line, a str for select_device
+
+
 def test_label_caches_are_written_before_runs_start_side_by_side(tiny_data):
     """Two runs that each find no label cache both write it and one fails on the other's rename: the parent writes
     the train and val caches first."""

@@ -411,9 +411,9 @@ def cls_teacher_run(p: Profile) -> str:
 
 
 def overhead_run(p: Profile, results: dict) -> dict[str, float]:
-    """KD step overhead per method, `yolokd overhead` on the benchmark's own student, teacher and classifier
-    (one thread, as the benchmark's runs use). Cached in out/overhead.json; `ultralytics` is not timed (it runs
-    inside Ultralytics' own loss)."""
+    """KD step overhead per method, `yolokd overhead` on the benchmark's own student, teacher and classifier, on
+    the profile's device (on the CPU with one thread, as the benchmark's runs use). Cached in out/overhead.json;
+    `ultralytics` is not timed (it runs inside Ultralytics' own loss)."""
     from yolokd.bench.overhead import measure
 
     cache = Path(p.out) / "overhead.json"
@@ -427,7 +427,7 @@ def overhead_run(p: Profile, results: dict) -> dict[str, float]:
         threads = torch.get_num_threads()
         torch.set_num_threads(1 if p.jobs > 1 else threads)
         try:
-            times = measure(student, results["teacher"]["best"], todo, imgsz=p.imgsz, batch=p.batch,
+            times = measure(student, results["teacher"]["best"], todo, imgsz=p.imgsz, batch=p.batch, device=p.device,
                             **p.train_args, **({"cls_teacher": cls_teacher} if cls_teacher else {}))
         finally:
             torch.set_num_threads(threads)

@@ -8,6 +8,7 @@ models; the goal is <= 1.10. Figures are medians over `iters` timed steps after 
     yolokd overhead model=yolov8n.yaml teacher=yolov8s.yaml imgsz=160 batch=16 iters=5
     yolokd overhead model=student.pt teacher=teacher.pt cls_teacher=classifier.pt   # trained models, with dicod
     yolokd overhead methods=dfd,pgd+ld dfd_hidden_cap=64 threads=1                   # any yolokd train argument
+    yolokd overhead model=student.pt teacher=teacher.pt imgsz=640 device=0           # on a GPU (float32, no AMP)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 
 from ultralytics.cfg import get_cfg
 from ultralytics.utils import LOGGER
+from ultralytics.utils.torch_utils import select_device
 
 from yolokd.checks import freeze, load_detector
 from yolokd.config import full_defaults
@@ -42,31 +44,36 @@ def random_batch(batch: int, imgsz: int, nc: int, objects: int = 4, seed: int = 
     }
 
 
-def median_time(fn: Callable[[], None], iters: int, warmup: int) -> float:
-    """Median wall time of `fn` in milliseconds."""
+def median_time(fn: Callable[[], None], iters: int, warmup: int, sync: Callable[[], None] = lambda: None) -> float:
+    """Median wall time of `fn` in milliseconds; `sync` waits for queued device work (CUDA runs asynchronously)."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(iters):
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 
 
 def measure(model: str, teacher: str, methods: list[str], imgsz: int = 160, batch: int = 16, iters: int = 5,
-            warmup: int = 2, nc: int = 6, **kd_args) -> dict[str, float]:
+            warmup: int = 2, nc: int = 6, device: str = "cpu", **kd_args) -> dict[str, float]:
     """Milliseconds per step: 'student', 'teacher', and one entry per method (see module docstring).
 
+    `device`: Ultralytics' `device=` ("cpu", "0", ...), where both models, the adapters and the batch run.
     `kd_args`: yolokd train arguments for the methods (e.g. cls_teacher= for dicod, dfd_alpha=...)."""
-    t_model = freeze(load_detector(teacher, "teacher", nc=nc).float())
+    dev = select_device(device, verbose=False)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    t_model = freeze(load_detector(teacher, "teacher", nc=nc).float().to(dev))
     nc = len(t_model.names)  # a .pt teacher brings its own class count
-    data = random_batch(batch, imgsz, nc)
+    data = {k: v.to(dev) for k, v in random_batch(batch, imgsz, nc).items()}
     args = get_cfg({**full_defaults(), **kd_args})
 
     def student_and_optimizer():
         torch.manual_seed(0)
-        s = load_detector(model, "student", nc=nc).float()  # a .yaml (random init) or a trained .pt
+        s = load_detector(model, "student", nc=nc).float().to(dev)  # a .yaml (random init) or a trained .pt
         s.args = args
         s.train().requires_grad_(True)
         return s, torch.optim.SGD(s.parameters(), lr=1e-3, momentum=0.9)
@@ -79,19 +86,20 @@ def measure(model: str, teacher: str, methods: list[str], imgsz: int = 160, batc
         opt.step()
 
     s, opt = student_and_optimizer()
-    out = {"student": median_time(lambda: step(s, opt, list(s.parameters())), iters, warmup)}
-    out["teacher"] = median_time(lambda: torch.no_grad()(raw_forward)(t_model, data["img"]), iters, warmup)
+    out = {"student": median_time(lambda: step(s, opt, list(s.parameters())), iters, warmup, sync)}
+    out["teacher"] = median_time(lambda: torch.no_grad()(raw_forward)(t_model, data["img"]), iters, warmup, sync)
     for name in methods:  # a method or a composition ("dfd+ld")
         s, opt = student_and_optimizer()
         loss = build_distillation(parse_methods(name), s, t_model, args).install(s)  # the trainer's wiring
         kd = loss.methods
         opt.add_param_group({"params": [p for p in kd.parameters() if p.requires_grad]})
-        out[name] = median_time(lambda: step(s, opt, list(s.parameters()) + list(kd.parameters())), iters, warmup)
+        params = list(s.parameters()) + list(kd.parameters())
+        out[name] = median_time(lambda: step(s, opt, params), iters, warmup, sync)
         loss.remove()
     # The first timing of a fresh process runs slower (allocator and kernel caches still cold), which made every
     # method look cheaper than free: time the plain step again now and keep the faster of the two.
     s, opt = student_and_optimizer()
-    out["student"] = min(out["student"], median_time(lambda: step(s, opt, list(s.parameters())), iters, warmup))
+    out["student"] = min(out["student"], median_time(lambda: step(s, opt, list(s.parameters())), iters, warmup, sync))
     return out
 
 
@@ -104,11 +112,12 @@ def report(times: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-OWN_KEYS = ("model", "teacher", "methods", "imgsz", "batch", "iters", "warmup", "threads", "nc")
+OWN_KEYS = ("model", "teacher", "methods", "imgsz", "batch", "iters", "warmup", "threads", "nc", "device")
 
 
 def cmd_overhead(argv: list[str]) -> int:
-    """`yolokd overhead model= teacher= methods=a,b imgsz= batch= iters= warmup= threads=` (+ yolokd train keys)."""
+    """`yolokd overhead model= teacher= methods=a,b imgsz= batch= iters= warmup= threads= device=` (+ yolokd train
+    keys)."""
     from yolokd.config import DistillationConfigError, check_number, closest, kd_defaults, parse_kv
 
     a = parse_kv(argv)
@@ -125,6 +134,7 @@ def cmd_overhead(argv: list[str]) -> int:
     counts = {"imgsz": ">= 32", "batch": ">= 1", "iters": ">= 1", "warmup": ">= 0", "threads": ">= 1", "nc": ">= 1"}
     a.update({k: check_number(k, a[k], int, allowed) for k, allowed in counts.items() if k in a})
     torch.set_num_threads(a.pop("threads", torch.get_num_threads()))
+    a["device"] = str(a.get("device", "cpu"))  # `device=0` arrives as an int
     times = measure(a.pop("model", "yolov8n.yaml"), a.pop("teacher", "yolov8s.yaml"), methods, **a)
     LOGGER.info(f"threads={torch.get_num_threads()}\n" + report(times))
     return 0
