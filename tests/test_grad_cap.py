@@ -159,12 +159,14 @@ def test_the_trainer_says_when_a_methods_own_cap_acts(given, cap, said, monkeypa
     assert len(logs) == (said is not None) and all(said in msg for msg in logs)
 
 
-@pytest.mark.parametrize("method,cap", [("pgd", 0.25), ("pgd+ld", 0.25), ("dfd", None), ("pgd+dfd", None)])
-def test_pgd_ships_with_its_own_cap(method, cap):
-    """With the train arguments' defaults, pgd and pgd+ld run with pgd's own grad_ratio 0.25 (cfg/methods/pgd.yaml,
-    measured in docs/experiments.md), a method without one does not, nor a composition with one (the smallest)."""
+@pytest.mark.parametrize("method,cap", [("pgd", 0.25), ("pgd+ld", 0.25), ("pdf", 0.25), ("pdf+ld", 0.25),
+                                        ("pdf+pgd", 0.25), ("dfd", None), ("pgd+dfd", None), ("pdf+rm", None)])
+def test_pdf_and_pgd_ship_with_their_own_cap(method, cap):
+    """With the train arguments' defaults, pdf and pgd (alone or with ld) run with their own grad_ratio 0.25
+    (cfg/methods/<method>.yaml, each passed a rule written before its confirming seeds, docs/experiments.md); a method
+    without one does not, nor a composition with one (the smallest)."""
     from yolokd.config import method_defaults, run_grad_ratio
 
-    assert method_defaults("pgd")["grad_ratio"] == 0.25
+    assert method_defaults("pgd")["grad_ratio"] == method_defaults("pdf")["grad_ratio"] == 0.25
     capped = [m for m in method.split("+") if m != "ld"]  # ld's terms are task-scaled
     assert (run_grad_ratio(capped, kd_defaults()) or None) == cap

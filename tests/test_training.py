@@ -146,9 +146,9 @@ PGD_COLS, RM_COLS = ["pgd_cls", "pgd_reg", "pgd_att"], ["rm_cls", "rm_loc"]
 
 
 @pytest.mark.parametrize("method,columns", [  # kd_scale: the cap's factor, logged when a term is capped (not ld's);
-    ("pdf", ["kd_scale"]), ("pfi", ["kd_scale"]), ("rm", [*RM_COLS, "kd_scale"]),  # kd_skip: share of dropped steps
-    ("rmpfi", ["rmpfi_cls", "rmpfi_loc", "rmpfi_pfi", "kd_scale"]),
-    ("pgd", [*PGD_COLS, "kd_scale", "kd_gscale"]),  # kd_gscale: pgd's own gradient-share cap (pgd_grad_ratio)
+    ("pdf", ["kd_scale", "kd_gscale"]), ("pfi", ["kd_scale"]),  # kd_skip: share of dropped steps
+    ("rm", [*RM_COLS, "kd_scale"]), ("rmpfi", ["rmpfi_cls", "rmpfi_loc", "rmpfi_pfi", "kd_scale"]),
+    ("pgd", [*PGD_COLS, "kd_scale", "kd_gscale"]),  # kd_gscale: pdf's and pgd's own gradient-share cap (grad_ratio)
     ("dfd+pgd+rm", ["dfd_hd", "dfd_ld", *PGD_COLS, *RM_COLS, "kd_scale"]), ("ld", ["ld_cls", "ld_box"]),
     ("fitnet", ["fitnet_ht", "fitnet_kd", "kd_scale"]),
 ])
