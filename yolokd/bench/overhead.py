@@ -14,7 +14,6 @@ models; the goal is <= 1.10. Figures are medians over `iters` timed steps after 
 from __future__ import annotations
 
 import statistics
-import time
 from typing import Callable
 
 import torch
@@ -23,6 +22,7 @@ from ultralytics.cfg import get_cfg
 from ultralytics.utils import LOGGER
 from ultralytics.utils.torch_utils import select_device
 
+from yolokd.bench.latency import time_calls
 from yolokd.checks import freeze, load_detector
 from yolokd.config import full_defaults
 from yolokd.criterion import build_distillation
@@ -45,17 +45,9 @@ def random_batch(batch: int, imgsz: int, nc: int, objects: int = 4, seed: int = 
 
 
 def median_time(fn: Callable[[], None], iters: int, warmup: int, sync: Callable[[], None] = lambda: None) -> float:
-    """Median wall time of `fn` in milliseconds; `sync` waits for queued device work (CUDA runs asynchronously)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    """Median wall time of `fn` in milliseconds (`yolokd latency`'s timer: `sync` waits for queued device work
+    before each clock read, since CUDA runs asynchronously)."""
+    return statistics.median(time_calls(fn, warmup, iters, sync))
 
 
 def measure(model: str, teacher: str, methods: list[str], imgsz: int = 160, batch: int = 16, iters: int = 5,
