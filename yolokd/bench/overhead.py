@@ -77,8 +77,12 @@ def measure(model: str, teacher: str, methods: list[str], imgsz: int = 160, batc
         torch.nn.utils.clip_grad_norm_(params, 10.0)
         opt.step()
 
-    s, opt = student_and_optimizer()
-    out = {"student": median_time(lambda: step(s, opt, list(s.parameters())), iters, warmup, sync)}
+    def plain_step_time() -> float:
+        s, opt = student_and_optimizer()
+        params = list(s.parameters())
+        return median_time(lambda: step(s, opt, params), iters, warmup, sync)
+
+    out = {"student": plain_step_time()}
     out["teacher"] = median_time(lambda: torch.no_grad()(raw_forward)(t_model, data["img"]), iters, warmup, sync)
     for name in methods:  # a method or a composition ("dfd+ld")
         s, opt = student_and_optimizer()
@@ -90,8 +94,7 @@ def measure(model: str, teacher: str, methods: list[str], imgsz: int = 160, batc
         loss.remove()
     # The first timing of a fresh process runs slower (allocator and kernel caches still cold), which made every
     # method look cheaper than free: time the plain step again now and keep the faster of the two.
-    s, opt = student_and_optimizer()
-    out["student"] = min(out["student"], median_time(lambda: step(s, opt, list(s.parameters())), iters, warmup, sync))
+    out["student"] = min(out["student"], plain_step_time())
     return out
 
 
